@@ -95,9 +95,7 @@ def check_llip_inputs(op: str, k, v, q, y, w_out, *, tau) -> LlipProblem:
         raise ValueError(f"k must have H >= 1 heads and head dim d >= 1, got shape {_fmt_shape(k)}")
     Bt = q.shape[0]
     if tuple(q.shape[1:]) != (H, d):
-        raise ValueError(
-            f"q must have shape [Bt, H={H}, d={d}] to match k {_fmt_shape(k)}, got {_fmt_shape(q)}"
-        )
+        raise ValueError(f"q must have shape [Bt, H={H}, d={d}] to match k {_fmt_shape(k)}, got {_fmt_shape(q)}")
     D = H * d
     if tuple(w_out.shape) != (D, D):
         raise ValueError(f"w_out must have shape [D, D] = [{D}, {D}] (D = H * d = {H} * {d}), got {_fmt_shape(w_out)}")
@@ -123,7 +121,8 @@ def check_llip_inputs(op: str, k, v, q, y, w_out, *, tau) -> LlipProblem:
 
 
 def check_scalar(name: str, x, device: torch.device, default: float | None) -> torch.Tensor:
-    """Turn ``logit_scale`` / ``logit_bias`` into a 0-dim float32 tensor on ``device`` (keeping autograd)."""
+    """Turn ``logit_scale`` / ``logit_bias`` into a 0-dim float32 (float64 if given so) tensor on ``device``,
+    keeping autograd."""
     if x is None:
         if default is None:
             raise TypeError(f"{name} is required (a number or a 0-dim tensor)")
@@ -135,7 +134,8 @@ def check_scalar(name: str, x, device: torch.device, default: float | None) -> t
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if x.device != device:
             raise ValueError(f"{name} is on {x.device} but k is on {device}: move it to the inputs' device")
-        return x.reshape(()).float()
+        # float64 stays float64 (gradcheck, fp64 oracles); everything else computes in float32
+        return x.reshape(()).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a number or a 0-dim tensor, got {type(x).__name__}")
     return torch.tensor(float(x), dtype=torch.float32, device=device)

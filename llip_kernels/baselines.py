@@ -18,7 +18,8 @@ def pooled_logits(img: torch.Tensor, txt: torch.Tensor, logit_scale=None, logit_
     check_pooled_inputs(img, txt, square=False)
     t = check_scalar("logit_scale", logit_scale, img.device, 1.0)
     b = check_scalar("logit_bias", logit_bias, img.device, 0.0)
-    cos = F.normalize(img.float(), dim=-1) @ F.normalize(txt.float(), dim=-1).t()
+    acc = torch.float64 if torch.float64 in (img.dtype, txt.dtype) else torch.float32
+    cos = F.normalize(img.to(acc), dim=-1) @ F.normalize(txt.to(acc), dim=-1).t()
     return t * cos + b
 
 

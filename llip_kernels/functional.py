@@ -3,8 +3,9 @@
 Shapes: ``k, v: [Bi, H, K, d]`` (per-image keys and values of the K mixture tokens), ``q: [Bt, H, d]``
 (one query per head per text), ``y: [Bt, D]`` (text embeddings), ``w_out: [D, D]`` with ``D = H * d``.
 The five share one dtype (float32, bfloat16 or float16) and device. Accumulation is float32 and logits and
-losses are float32. ``logit_scale`` is the multiplier ``t`` itself (already exponentiated), ``logit_bias``
-the additive ``b``; each may be a number or a 0-dim tensor (gradients flow to tensors).
+losses are float32 (float64 inputs, which the reference and torch backends accept, give float64 results).
+``logit_scale`` is the multiplier ``t`` itself (already exponentiated), ``logit_bias`` the additive ``b``;
+each may be a number or a 0-dim tensor (gradients flow to tensors).
 
 Empty batches: logits come back with the empty shape; losses are 0.0 (connected to the inputs, zero grads).
 """

@@ -5,7 +5,7 @@ torch autograd differentiate plain ops. It is the oracle of the test suite and t
 benchmarks, not a fast path: memory grows as Bi * Bt * (H * K + D).
 
 Arithmetic runs in the inputs' dtype (as the reference code does under autocast); logits and losses are
-returned in float32.
+returned in float32, or float64 for float64 inputs (the test oracle).
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ def mix(k, v, q, w_out, *, tau: float, all_pairs: bool) -> torch.Tensor:
 
 
 def cosine_all_pairs(k, v, q, y, w_out, tau: float) -> torch.Tensor:
-    """``cos(z[i, j], y_j)`` for every pair -> ``[Bi, Bt]`` float32 (F.normalize convention, eps 1e-12)."""
+    """``cos(z[i, j], y_j)`` for every pair -> ``[Bi, Bt]`` float32 (float64 for float64 inputs; F.normalize
+    convention, eps 1e-12)."""
     z = mix_all_pairs(k, v, q, w_out, tau)  # [Bi, Bt, D]
     cos = (F.normalize(z, dim=-1) * F.normalize(y, dim=-1).unsqueeze(0)).sum(-1)
-    return cos.float()
+    return cos if cos.dtype == torch.float64 else cos.float()
 
 
 def logits(k, v, q, y, w_out, t, b, *, tau: float) -> torch.Tensor:

@@ -38,7 +38,7 @@ class LlipInputs:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in INPUT_NAMES}
 
-    def to(self, dtype: torch.dtype | None = None, device=None, requires_grad: bool = True) -> "LlipInputs":
+    def to(self, dtype: torch.dtype | None = None, device=None, requires_grad: bool = True) -> LlipInputs:
         """A detached copy; ``dtype`` applies to k, v, q, y, w_out (t and b stay float32 unless float64)."""
         out = {}
         for name, x in self.tensors().items():
@@ -103,7 +103,9 @@ def make_llip_inputs(
         q = q * torch.logspace(1, -1, Bt, dtype=torch.float64).view(Bt, 1, 1)
     elif kind == "large_scale":
         t, b = 100.0, 5.0
-    inputs = LlipInputs(k, v, q, y, w_out, torch.tensor(t, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), tau)
+    inputs = LlipInputs(
+        k, v, q, y, w_out, torch.tensor(t, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), tau
+    )
     return inputs.to(dtype=dtype, device=device, requires_grad=requires_grad)
 
 
@@ -113,8 +115,14 @@ def tolerance_floor(dtype: torch.dtype, scale: float) -> float:
     return rel * max(scale, 1.0)
 
 
-def check_rule(name: str, ours: torch.Tensor, ref64: torch.Tensor, same_dtype: torch.Tensor, dtype: torch.dtype,
-               floor: float | None = None) -> None:
+def check_rule(
+    name: str,
+    ours: torch.Tensor,
+    ref64: torch.Tensor,
+    same_dtype: torch.Tensor,
+    dtype: torch.dtype,
+    floor: float | None = None,
+) -> None:
     """Raise AssertionError unless ``max|ours - ref64| <= 2 * max|same_dtype - ref64| + floor``."""
     if ours.shape != ref64.shape:
         raise AssertionError(f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}")
@@ -132,7 +140,8 @@ def check_rule(name: str, ours: torch.Tensor, ref64: torch.Tensor, same_dtype: t
         where = (ours - ref64).abs().argmax().item()
         raise AssertionError(
             f"{name}: max|ours - ref64| = {err:.3e} > 2 * {base:.3e} (same-dtype torch error) + {floor:.3e}; "
-            f"worst at flat index {where}: ours {ours.flatten()[where].item():.6e}, ref {ref64.flatten()[where].item():.6e}"
+            f"worst at flat index {where}: ours {ours.flatten()[where].item():.6e}, "
+            f"ref {ref64.flatten()[where].item():.6e}"
         )
 
 
@@ -142,16 +151,19 @@ class OpResult:
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def run_op(op: str, inputs: LlipInputs, backend: str, *, pos_offset: int | None = 0, grad_seed: int = 1,
-           with_grad: bool = True) -> OpResult:
+def run_op(
+    op: str, inputs: LlipInputs, backend: str, *, pos_offset: int | None = 0, grad_seed: int = 1, with_grad: bool = True
+) -> OpResult:
     """Run ``op`` (``logits``, ``sigmoid_loss`` or ``softmax_loss``) and backpropagate a fixed random cotangent."""
     x = inputs
     if op == "logits":
-        out = functional.llip_logits(x.k, x.v, x.q, x.y, x.w_out, tau=x.tau, logit_scale=x.t, logit_bias=x.b,
-                                     backend=backend)
+        out = functional.llip_logits(
+            x.k, x.v, x.q, x.y, x.w_out, tau=x.tau, logit_scale=x.t, logit_bias=x.b, backend=backend
+        )
     elif op == "sigmoid_loss":
-        out = functional.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau, pos_offset=pos_offset,
-                                           backend=backend)
+        out = functional.llip_sigmoid_loss(
+            x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau, pos_offset=pos_offset, backend=backend
+        )
     elif op == "softmax_loss":
         out = functional.llip_softmax_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, tau=x.tau, backend=backend)
     else:
@@ -168,8 +180,15 @@ def run_op(op: str, inputs: LlipInputs, backend: str, *, pos_offset: int | None 
     return result
 
 
-def check_op_against_reference(op: str, inputs: LlipInputs, backend: str, *, pos_offset: int | None = 0,
-                               with_grad: bool = True, floor_scale: float = 1.0) -> None:
+def check_op_against_reference(
+    op: str,
+    inputs: LlipInputs,
+    backend: str,
+    *,
+    pos_offset: int | None = 0,
+    with_grad: bool = True,
+    floor_scale: float = 1.0,
+) -> None:
     """Check ``backend``'s output and every input gradient against fp64 with the SPEC section 6 rule.
 
     ``inputs`` carry the dtype under test. Raises AssertionError naming the first quantity that fails.
@@ -180,8 +199,14 @@ def check_op_against_reference(op: str, inputs: LlipInputs, backend: str, *, pos
     same = run_op(op, inputs.to(dtype), "reference", pos_offset=pos_offset, with_grad=with_grad)
     check_rule(f"{backend} {op} output", ours.out, ref64.out, same.out, dtype, _floor(dtype, ref64.out, floor_scale))
     for name in ref64.grads:
-        check_rule(f"{backend} {op} d{name}", ours.grads[name], ref64.grads[name], same.grads[name], dtype,
-                   _floor(dtype, ref64.grads[name], floor_scale))
+        check_rule(
+            f"{backend} {op} d{name}",
+            ours.grads[name],
+            ref64.grads[name],
+            same.grads[name],
+            dtype,
+            _floor(dtype, ref64.grads[name], floor_scale),
+        )
 
 
 def _floor(dtype, ref: torch.Tensor, scale: float) -> float:
@@ -242,5 +267,3 @@ def form_flops(form: int, K: int, H: int, D: int) -> float:
     if form == 3:
         return 4 * K * D + 2 * (H * K) ** 2
     raise ValueError(f"form must be 1, 2 or 3, got {form}")
-
-
