@@ -1,0 +1,16 @@
+"""llip: the Llip model (Latent Language Image Pretraining) and its CLIP / SigLIP baselines, on llip_kernels.
+
+Public API (the contract with the trainer):
+
+- :func:`list_models` / :func:`create_model` (``name, **config overrides``) -> :class:`LlipModel`;
+- :func:`get_tokenizer` (``context_length=77``) -> callable ``str | list[str] -> LongTensor [N, L]``;
+- :func:`image_transform` (``image_size, train``) -> callable ``PIL.Image | uint8 [H, W, 3] -> float32 [3, S, S]``;
+- :mod:`llip.evaluation`: zero-shot classification and retrieval.
+"""
+
+from .configs import ModelConfig, get_config, list_models
+from .model import LlipModel, create_model
+from .tokenizer import get_tokenizer
+from .transforms import image_transform
+
+__all__ = ["LlipModel", "ModelConfig", "create_model", "get_config", "get_tokenizer", "image_transform", "list_models"]
