@@ -20,3 +20,7 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# Build the CUDA extension against a CUDA build of torch in .venv-cuda (5.5 GB; it cannot run without a GPU).
+cuda-ext:
+	bash scripts/build_cuda_ext.sh
