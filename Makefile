@@ -24,3 +24,7 @@ lint: setup
 # Build the CUDA extension against a CUDA build of torch in .venv-cuda (5.5 GB; it cannot run without a GPU).
 cuda-ext:
 	bash scripts/build_cuda_ext.sh
+
+# Compile every Triton kernel ahead of time for sm_90a and sm_80 (no GPU needed) and print registers/spills/smem.
+compile-table: setup
+	env -u TRITON_INTERPRET $(PY) bench/triton_compile_table.py
