@@ -1,0 +1,502 @@
+// Fused Llip scores and losses on the CPU (backend "cpu"), algebraic form 3 of SPEC section 4.
+//
+// Per (image i, text j) pair, with s[h,k] = <K_i[h,k], Q_j[h]>, a = softmax_k(s / tau) per head,
+// c[h,k] = <V_i[h,k], U_j[h]> (U_j = W_out @ y_hat_j, computed once per text by the caller) and the per-image
+// Gram matrix G_i = V'_i V'_i^T of the projected values V'_i[h,k] = V_i[h,k] @ W_out[h*d:(h+1)*d, :]:
+//
+//     dot = sum_hk a c,   n2 = a^T G_i a,   cos(z_ij, y_j) = dot / max(sqrt(n2), 1e-12)
+//
+// at 4KD + 2(HK)^2 FLOPs per pair instead of the as-written 4KD + 2D^2.
+//
+// Parallelism: images are cut into blocks of Ti; OpenMP threads (at::parallel_for) take contiguous runs of
+// blocks, and each thread walks its blocks against all texts in tiles of Tj with its own scratch. One fork-join
+// per call keeps 2 busy cores from stalling at a barrier per tile, and single-threaded ATen GEMMs (MKL inside a
+// parallel region) on [Ti*K, d] x [d, Tj] and [HK, HK] x [HK, Tj] tiles carry the heavy products. Our own loops
+// (softmax over K, reductions, the backward's elementwise algebra) run along texts, contiguous, with omp simd.
+//
+// Memory: scratch per thread is 4 tiles of HK*Ti*Tj floats plus the block's G (Ti*(HK)^2), V M (Ti*HK*D) and
+// head-major keys / values (and their gradients); never Bi*Bt*K or Bi*Bt*D, and the losses keep only per-row / per-column statistics (nothing Bi*Bt).
+// G is recomputed per image block (forward and backward) instead of being stored for all Bi images, and its
+// gradient is folded into dV and dM per block. The backward pass recomputes tiles (FlashAttention recipe).
+//
+// Determinism: every reduction has a fixed order for a given thread count (text tiles in order within a block;
+// per-thread partial sums of dQ, dU, dM and of the losses added in thread order), so repeated calls are bitwise
+// identical.
+//
+// All tensors here are float32; the Python wrapper upcasts bf16/fp16 inputs once (O(Bi + Bt) work).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "fast_math.h"
+
+// torch's MKL (when torch has one) turns MKL's dynamic threading off, so a GEMM called inside our OpenMP region
+// would open a nested team per call and the threads thrash (20x slower measured on 2 cores). Each of our threads
+// asks MKL for one thread instead. Weak, so a torch built without MKL still loads this extension.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace {
+
+// Single-threaded MKL on this thread for the life of the guard (no-op without MKL).
+struct SerialBlasGuard {
+  int previous = 0;
+  SerialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+constexpr float kEps = 1e-12f;  // F.normalize's clamp on the norm of z
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+enum Mode : int64_t { kCos = 0, kSigmoid = 1, kSoftmax = 2 };
+
+// Read-only inputs in the layouts the tile GEMMs want.
+struct Inputs {
+  int64_t Bi, Bt, H, K, d, D, HK, Ti, Tj;
+  float tau;
+  at::Tensor k, v;    // [Bi, H, K, d]
+  at::Tensor qh, uh;  // [H, Bt, d]
+  at::Tensor mh;      // [H, d, D]: rows of M = W_out W_out^T grouped by head
+};
+
+// Per-thread scratch.
+struct Scratch {
+  at::Tensor S, C;            // [H, Ti*K, Tj]: scores s (later ds), value scores c (later ddot * a)
+  at::Tensor A, P;            // [Ti, HK, Tj]: attention a, G_i a (later dn2 * a)
+  at::Tensor dot, n2;         // [Ti * Tj]
+  at::Tensor ddot, dn2;       // [Ti * Tj] (backward)
+  at::Tensor G, dG;           // [Ti, HK, HK]
+  at::Tensor T;               // [Ti, H, K, H, d]: V_i[h,k] M_h, shared by G and its backward
+  at::Tensor kbuf, vbuf;      // the block's keys / values, head-major [H, ti*K, d] (one row range per head)
+  at::Tensor dkbuf, dvbuf;    // their gradients, accumulated over the text tiles of the block
+  at::Tensor kb, vb, dkb, dvb;  // views of the above for the current block
+  std::vector<float> mx, sm;  // [Tj]
+};
+
+struct Tile {
+  int64_t i0, ti, j0, tj;
+};
+
+void check_f32(const at::Tensor& x, const char* name, int64_t ndim) {
+  TORCH_CHECK(x.device().is_cpu(), "llip cpu kernel: ", name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "llip cpu kernel: ", name, " must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == ndim, "llip cpu kernel: ", name, " must have ", ndim, " dims, got ", x.sizes());
+}
+
+Inputs make_inputs(const at::Tensor& k, const at::Tensor& v, const at::Tensor& q, const at::Tensor& u,
+                   const at::Tensor& m, double tau, int64_t Ti, int64_t Tj) {
+  check_f32(k, "k", 4);
+  check_f32(v, "v", 4);
+  check_f32(q, "q", 3);
+  check_f32(u, "u", 3);
+  check_f32(m, "m", 2);
+  Inputs in;
+  in.Bi = k.size(0), in.H = k.size(1), in.K = k.size(2), in.d = k.size(3), in.Bt = q.size(0);
+  in.D = in.H * in.d, in.HK = in.H * in.K;
+  TORCH_CHECK(v.sizes() == k.sizes(), "llip cpu kernel: v must have the shape of k");
+  TORCH_CHECK(q.size(1) == in.H && q.size(2) == in.d && u.sizes() == q.sizes(), "llip cpu kernel: q/u shape mismatch");
+  TORCH_CHECK(m.size(0) == in.D && m.size(1) == in.D, "llip cpu kernel: m must be [D, D]");
+  TORCH_CHECK(tau > 0, "llip cpu kernel: tau must be > 0");
+  in.tau = static_cast<float>(tau);
+  // Smaller image blocks when there are few images, so that every thread gets some.
+  const int64_t per_thread = (in.Bi + at::get_num_threads() - 1) / at::get_num_threads();
+  in.Ti = std::max<int64_t>(1, std::min({Ti, in.Bi, per_thread}));
+  in.Tj = std::max<int64_t>(1, std::min(Tj, in.Bt));
+  in.k = k.contiguous();
+  in.v = v.contiguous();
+  in.qh = q.permute({1, 0, 2}).contiguous();
+  in.uh = u.permute({1, 0, 2}).contiguous();
+  in.mh = m.contiguous().view({in.H, in.d, in.D});
+  return in;
+}
+
+std::vector<Scratch> make_scratch(const Inputs& in, int64_t n, bool backward) {
+  std::vector<Scratch> out(n);
+  auto opts = in.v.options();
+  const int64_t tile = in.HK * in.Ti * in.Tj, pairs = in.Ti * in.Tj;
+  for (auto& s : out) {
+    s.S = at::empty({tile}, opts), s.C = at::empty({tile}, opts);
+    s.A = at::empty({tile}, opts), s.P = at::empty({tile}, opts);
+    s.dot = at::empty({pairs}, opts), s.n2 = at::empty({pairs}, opts);
+    if (backward) {
+      s.ddot = at::empty({pairs}, opts), s.dn2 = at::empty({pairs}, opts);
+      s.dG = at::empty({in.Ti, in.HK, in.HK}, opts);
+    }
+    s.G = at::empty({in.Ti, in.HK, in.HK}, opts);
+    s.kbuf = at::empty({in.Ti * in.HK * in.d}, opts), s.vbuf = at::empty({in.Ti * in.HK * in.d}, opts);
+    if (backward) s.dkbuf = at::empty({in.Ti * in.HK * in.d}, opts), s.dvbuf = at::empty({in.Ti * in.HK * in.d}, opts);
+    s.mx.resize(in.Tj), s.sm.resize(in.Tj);
+  }
+  return out;
+}
+
+at::Tensor head_view(const at::Tensor& buf, const Inputs& in, const Tile& t) {
+  return buf.narrow(0, 0, in.HK * t.ti * t.tj).view({in.H, t.ti * in.K, t.tj});
+}
+at::Tensor image_view(const at::Tensor& buf, const Inputs& in, const Tile& t) {
+  return buf.narrow(0, 0, in.HK * t.ti * t.tj).view({t.ti, in.HK, t.tj});
+}
+
+// G_i for the images [i0, i0 + ti): G_i[(h,k),(g,m)] = V_i[h,k] M_hg V_i[g,m]^T with M = W_out W_out^T, i.e.
+// T = V M per head (2 HK d D per image) then T against V (2 (HK)^2 d), cheaper than forming V' (2 (HK)^2 D).
+void gram_block(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc) {
+  at::Tensor vc = in.v.narrow(0, i0, ti);
+  auto head_major = [&](const at::Tensor& buf, const at::Tensor& src) {
+    at::Tensor view = buf.narrow(0, 0, ti * in.HK * in.d).view({in.H, ti, in.K, in.d});
+    view.copy_(src.narrow(0, i0, ti).permute({1, 0, 2, 3}));
+    return view.view({in.H, ti * in.K, in.d});
+  };
+  sc.kb = head_major(sc.kbuf, in.k);
+  sc.vb = head_major(sc.vbuf, in.v);
+  sc.T = at::einsum("ihkc,hce->ihke", {vc, in.mh}).view({ti, in.H, in.K, in.H, in.d});
+  sc.G.narrow(0, 0, ti).view({ti, in.H, in.K, in.H, in.K}).copy_(at::einsum("ihkgc,igmc->ihkgm", {sc.T, vc}));
+}
+
+// Pull dG of the block back to dV (both factors of G; M is symmetric) and to dM (accumulated per thread).
+void gram_block_backward(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc, at::Tensor& dv, at::Tensor& dm) {
+  at::Tensor vc = in.v.narrow(0, i0, ti);
+  at::Tensor gc = sc.dG.narrow(0, 0, ti).view({ti, in.H, in.K, in.H, in.K});
+  at::Tensor gs = gc + gc.permute({0, 3, 4, 1, 2});
+  at::Tensor dvb = at::einsum("ihkgm,igmhc->ihkc", {gs, sc.T});  // [ti, H, K, d]
+  dv.narrow(0, i0, ti).add_(dvb);
+  at::Tensor Z = at::einsum("ihkgm,igmy->ihkgy", {gc, vc});  // [ti, H, K, H, d]
+  dm.add_(at::einsum("ihkx,ihkgy->hxgy", {vc, Z}));
+}
+
+// Forward of one tile: fills A (attention), C (value scores), P (G_i a), dot and n2 for the ti x tj pairs.
+void compute_tile(const Inputs& in, Scratch& sc, const Tile& t) {
+  const int64_t H = in.H, K = in.K, HK = in.HK, ti = t.ti, tj = t.tj;
+  at::Tensor S = head_view(sc.S, in, t), C = head_view(sc.C, in, t);
+  for (int64_t h = 0; h < H; ++h) {
+    at::Tensor Sh = S[h], Ch = C[h];
+    at::mm_out(Sh, sc.kb[h], in.qh[h].narrow(0, t.j0, tj).t());  // [ti*K, tj]
+    at::mm_out(Ch, sc.vb[h], in.uh[h].narrow(0, t.j0, tj).t());  // [ti*K, tj]
+  }
+  const float* Sp = sc.S.data_ptr<float>();
+  const float* Cp = sc.C.data_ptr<float>();
+  float* Ap = sc.A.data_ptr<float>();
+  float* mx = sc.mx.data();
+  float* sm = sc.sm.data();
+  const float scale = static_cast<float>(kLog2e / in.tau);  // exp(s / tau) = 2^(s * log2(e) / tau)
+  for (int64_t i = 0; i < ti; ++i) {
+    float* dr = sc.dot.data_ptr<float>() + i * tj;
+    std::fill(dr, dr + tj, 0.0f);
+    for (int64_t h = 0; h < H; ++h) {
+      // Softmax over k for all texts at once: rows are text-contiguous, so the j loops vectorise.
+      std::fill(mx, mx + tj, -std::numeric_limits<float>::infinity());
+      for (int64_t k = 0; k < K; ++k) {
+        const float* s = Sp + ((h * ti + i) * K + k) * tj;
+#pragma omp simd
+        for (int64_t j = 0; j < tj; ++j) mx[j] = std::max(mx[j], s[j]);
+      }
+      std::fill(sm, sm + tj, 0.0f);
+      for (int64_t k = 0; k < K; ++k) {
+        const float* s = Sp + ((h * ti + i) * K + k) * tj;
+        float* a = Ap + ((i * H + h) * K + k) * tj;
+#pragma omp simd
+        for (int64_t j = 0; j < tj; ++j) {
+          const float e = llip_cpu::exp2_nonpos((s[j] - mx[j]) * scale);
+          a[j] = e;
+          sm[j] += e;
+        }
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < tj; ++j) sm[j] = 1.0f / sm[j];
+      for (int64_t k = 0; k < K; ++k) {
+        const float* cr = Cp + ((h * ti + i) * K + k) * tj;
+        float* a = Ap + ((i * H + h) * K + k) * tj;
+#pragma omp simd
+        for (int64_t j = 0; j < tj; ++j) {
+          a[j] *= sm[j];
+          dr[j] += a[j] * cr[j];
+        }
+      }
+    }
+  }
+  at::Tensor A = image_view(sc.A, in, t), P = image_view(sc.P, in, t);
+  at::bmm_out(P, sc.G.narrow(0, 0, ti), A);  // [ti, HK, tj]: G_i a for every text
+  const float* Pp = sc.P.data_ptr<float>();
+  for (int64_t i = 0; i < ti; ++i) {
+    float* nr = sc.n2.data_ptr<float>() + i * tj;
+    std::fill(nr, nr + tj, 0.0f);
+    for (int64_t r = 0; r < HK; ++r) {
+      const float* a = Ap + (i * HK + r) * tj;
+      const float* p = Pp + (i * HK + r) * tj;
+#pragma omp simd
+      for (int64_t j = 0; j < tj; ++j) nr[j] += a[j] * p[j];
+    }
+  }
+}
+
+inline float norm_of(float n2) { return std::max(std::sqrt(std::max(n2, 0.0f)), kEps); }
+
+inline double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::abs(x))); }
+
+inline double sigmoid(double x) {
+  if (x >= 0) return 1.0 / (1.0 + std::exp(-x));
+  const double e = std::exp(x);
+  return e / (1.0 + e);
+}
+
+// Runs fn(tile, scratch, thread) over every tile: image blocks split across threads, texts in order.
+// before_block / after_block run once per image block on the owning thread.
+template <typename Before, typename Fn, typename After>
+void for_each_tile(const Inputs& in, std::vector<Scratch>& scr, Before&& before_block, Fn&& fn, After&& after_block) {
+  const int64_t nblk = (in.Bi + in.Ti - 1) / in.Ti;
+  auto body = [&](int64_t b0, int64_t b1) {
+    const SerialBlasGuard serial_blas;
+    const int tid = at::get_thread_num();
+    Scratch& sc = scr[tid];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = blk * in.Ti, ti = std::min(in.Ti, in.Bi - i0);
+      before_block(i0, ti, sc, tid);
+      for (int64_t j0 = 0; j0 < in.Bt; j0 += in.Tj) {
+        const Tile t{i0, ti, j0, std::min(in.Tj, in.Bt - j0)};
+        compute_tile(in, sc, t);
+        fn(t, sc, tid);
+      }
+      after_block(i0, ti, sc, tid);
+    }
+  };
+  at::parallel_for(0, nblk, 1, body);
+}
+
+double ordered_sum(const std::vector<double>& x) {
+  double s = 0.0;
+  for (double v : x) s += v;
+  return s;
+}
+
+}  // namespace
+
+// Forward. mode 0: returns {cos [Bi, Bt]}. mode 1 (sigmoid loss): {loss []}. mode 2 (softmax loss, Bi == Bt):
+// {loss [], lse_row [Bi], lse_col [Bt]} (the log-sum-exps are saved for the backward pass).
+std::vector<at::Tensor> pair_forward(int64_t mode, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q,
+                                     const at::Tensor& u, const at::Tensor& m, const at::Tensor& t_scale,
+                                     const at::Tensor& b_bias, double tau, bool has_pos, int64_t pos_offset,
+                                     int64_t Ti, int64_t Tj) {
+  Inputs in = make_inputs(k, v, q, u, m, tau, Ti, Tj);
+  TORCH_CHECK(mode == kCos || mode == kSigmoid || mode == kSoftmax, "llip cpu kernel: unknown mode ", mode);
+  TORCH_CHECK(mode != kSoftmax || in.Bi == in.Bt, "llip cpu kernel: the softmax loss needs Bi == Bt");
+  const double tv = t_scale.item<float>(), bv = b_bias.item<float>();
+  const int64_t Bi = in.Bi, Bt = in.Bt;
+  const int nth = at::get_num_threads();
+  auto scr = make_scratch(in, nth, false);
+  auto f32 = k.options();
+  at::Tensor cos_out = mode == kCos ? at::empty({Bi, Bt}, f32) : at::Tensor();
+  float* outp = mode == kCos ? cos_out.data_ptr<float>() : nullptr;
+  std::vector<double> row_loss(Bi, 0.0), diag(Bi, 0.0);
+  // Online log-sum-exp of the logits per row (owned by one thread) and per column (partial per thread).
+  std::vector<double> row_m(Bi, kNegInf), row_s(Bi, 0.0);
+  std::vector<std::vector<double>> col_m(mode == kSoftmax ? nth : 0, std::vector<double>(Bt, kNegInf));
+  std::vector<std::vector<double>> col_s(mode == kSoftmax ? nth : 0, std::vector<double>(Bt, 0.0));
+  auto nothing = [](int64_t, int64_t, Scratch&, int) {};
+  auto gram = [&](int64_t i0, int64_t ti, Scratch& sc, int) { gram_block(in, i0, ti, sc); };
+  for_each_tile(in, scr, gram, [&](const Tile& t, Scratch& sc, int tid) {
+    const float* dotp = sc.dot.data_ptr<float>();
+    const float* n2p = sc.n2.data_ptr<float>();
+    for (int64_t i = 0; i < t.ti; ++i) {
+      const int64_t gi = t.i0 + i;
+      if (mode == kCos) {
+        for (int64_t j = 0; j < t.tj; ++j) outp[gi * Bt + t.j0 + j] = dotp[i * t.tj + j] / norm_of(n2p[i * t.tj + j]);
+      } else if (mode == kSigmoid) {
+        const int64_t pos = has_pos ? gi + pos_offset : -1;
+        double s = 0.0;
+        for (int64_t j = 0; j < t.tj; ++j) {
+          const double logit = tv * (dotp[i * t.tj + j] / norm_of(n2p[i * t.tj + j])) + bv;
+          s += softplus(t.j0 + j == pos ? -logit : logit);
+        }
+        row_loss[gi] += s;
+      } else {
+        double mt = row_m[gi];
+        for (int64_t j = 0; j < t.tj; ++j) mt = std::max(mt, tv * (dotp[i * t.tj + j] / norm_of(n2p[i * t.tj + j])));
+        double s = row_s[gi] * std::exp(row_m[gi] - mt);
+        for (int64_t j = 0; j < t.tj; ++j) {
+          const double logit = tv * (dotp[i * t.tj + j] / norm_of(n2p[i * t.tj + j]));
+          s += std::exp(logit - mt);
+          if (t.j0 + j == gi) diag[gi] = logit;
+          double& cm = col_m[tid][t.j0 + j];
+          double& cs = col_s[tid][t.j0 + j];
+          if (logit > cm) {
+            cs = cs * std::exp(cm - logit) + 1.0;
+            cm = logit;
+          } else {
+            cs += std::exp(logit - cm);
+          }
+        }
+        row_m[gi] = mt, row_s[gi] = s;
+      }
+    }
+  }, nothing);
+  if (mode == kCos) return {cos_out};
+  if (mode == kSigmoid) return {at::scalar_tensor(ordered_sum(row_loss) / double(Bi), f32)};
+  at::Tensor lse_row = at::empty({Bi}, f32), lse_col = at::empty({Bt}, f32);
+  double sum_row = 0.0, sum_col = 0.0;
+  for (int64_t i = 0; i < Bi; ++i) {
+    const double lse = row_m[i] + std::log(row_s[i]);
+    lse_row.data_ptr<float>()[i] = static_cast<float>(lse);
+    sum_row += lse;
+  }
+  for (int64_t j = 0; j < Bt; ++j) {
+    double mj = kNegInf, sj = 0.0;
+    for (int th = 0; th < nth; ++th) mj = std::max(mj, col_m[th][j]);
+    for (int th = 0; th < nth; ++th)
+      if (col_m[th][j] != kNegInf) sj += col_s[th][j] * std::exp(col_m[th][j] - mj);
+    const double lse = mj + std::log(sj);
+    lse_col.data_ptr<float>()[j] = static_cast<float>(lse);
+    sum_col += lse;
+  }
+  const double sum_diag = ordered_sum(diag);
+  const double total = 0.5 * ((sum_row - sum_diag) / double(Bi) + (sum_col - sum_diag) / double(Bt));
+  return {at::scalar_tensor(total, f32), lse_row, lse_col};
+}
+
+// Backward (SPEC section 7). `grad` is dcos [Bi, Bt] for mode 0 and the loss's 0-dim cotangent otherwise.
+// Returns {dk, dv, dq, du, dm, dt, db}; dt and db are zero for mode 0 (the caller applies t and b itself).
+std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& q, const at::Tensor& u, const at::Tensor& m,
+                                      const at::Tensor& t_scale, const at::Tensor& b_bias, const at::Tensor& lse_row,
+                                      const at::Tensor& lse_col, double tau, bool has_pos, int64_t pos_offset,
+                                      int64_t Ti, int64_t Tj) {
+  Inputs in = make_inputs(k, v, q, u, m, tau, Ti, Tj);
+  const int64_t Bi = in.Bi, Bt = in.Bt, H = in.H, K = in.K, d = in.d;
+  const double tv = t_scale.item<float>(), bv = b_bias.item<float>();
+  at::Tensor dcos_in;
+  const float* dcp = nullptr;
+  double go = 0.0;
+  if (mode == kCos) {
+    dcos_in = grad.to(at::kFloat).contiguous();
+    TORCH_CHECK(dcos_in.dim() == 2 && dcos_in.size(0) == Bi && dcos_in.size(1) == Bt, "llip cpu kernel: bad dcos");
+    dcp = dcos_in.data_ptr<float>();
+  } else {
+    go = grad.item<float>();
+  }
+  const float* lrow = mode == kSoftmax ? lse_row.data_ptr<float>() : nullptr;
+  const float* lcol = mode == kSoftmax ? lse_col.data_ptr<float>() : nullptr;
+  const int nth = at::get_num_threads();
+  auto scr = make_scratch(in, nth, true);
+  auto f32 = k.options();
+  at::Tensor dk = at::empty({Bi, H, K, d}, f32), dv = at::empty({Bi, H, K, d}, f32);
+  // Text-side and M gradients sum over images, so over threads: one partial each, added in thread order.
+  std::vector<at::Tensor> dqh(nth), duh(nth), dm(nth);
+  for (int th = 0; th < nth; ++th) {
+    dqh[th] = at::zeros({H, Bt, d}, f32), duh[th] = at::zeros({H, Bt, d}, f32);
+    dm[th] = at::zeros({H, d, H, d}, f32);
+  }
+  std::vector<double> row_dt(Bi, 0.0), row_db(Bi, 0.0);
+  const float inv_tau = 1.0f / in.tau;
+  auto before = [&](int64_t i0, int64_t ti, Scratch& sc, int) {
+    gram_block(in, i0, ti, sc);
+    sc.dG.zero_();
+    sc.dkb = sc.dkbuf.narrow(0, 0, ti * in.HK * d).view({H, ti * K, d}).zero_();
+    sc.dvb = sc.dvbuf.narrow(0, 0, ti * in.HK * d).view({H, ti * K, d}).zero_();
+  };
+  auto after = [&](int64_t i0, int64_t ti, Scratch& sc, int tid) {
+    dk.narrow(0, i0, ti).copy_(sc.dkb.view({H, ti, K, d}).permute({1, 0, 2, 3}));
+    dv.narrow(0, i0, ti).copy_(sc.dvb.view({H, ti, K, d}).permute({1, 0, 2, 3}));
+    gram_block_backward(in, i0, ti, sc, dv, dm[tid]);
+  };
+  for_each_tile(in, scr, before, [&](const Tile& t, Scratch& sc, int tid) {
+    const int64_t ti = t.ti, tj = t.tj;
+    const float* dotp = sc.dot.data_ptr<float>();
+    const float* n2p = sc.n2.data_ptr<float>();
+    float* ddp = sc.ddot.data_ptr<float>();
+    float* dnp = sc.dn2.data_ptr<float>();
+    // Per pair: dLoss/dlogit (recomputed from the saved statistics), then the cotangents of dot and n2.
+    for (int64_t i = 0; i < ti; ++i) {
+      const int64_t gi = t.i0 + i;
+      double st = 0.0, sb = 0.0;
+      for (int64_t j = 0; j < tj; ++j) {
+        const int64_t gj = t.j0 + j, p = i * tj + j;
+        const float raw = std::sqrt(std::max(n2p[p], 0.0f)), nrm = std::max(raw, kEps);
+        const float cosv = dotp[p] / nrm;
+        float dc;
+        if (mode == kCos) {
+          dc = dcp[gi * Bt + gj];
+        } else if (mode == kSigmoid) {
+          const double l = (has_pos && gj == gi + pos_offset) ? 1.0 : -1.0;
+          const double gl = -l * sigmoid(-l * (tv * cosv + bv)) * go / double(Bi);
+          st += gl * cosv, sb += gl;
+          dc = static_cast<float>(gl * tv);
+        } else {
+          const double logit = tv * cosv, delta = gi == gj ? 1.0 : 0.0;
+          const double gl = go * ((std::exp(logit - lrow[gi]) - delta) / (2.0 * Bi) +
+                                  (std::exp(logit - lcol[gj]) - delta) / (2.0 * Bt));
+          st += gl * cosv;
+          dc = static_cast<float>(gl * tv);
+        }
+        ddp[p] = dc / nrm;
+        // n = max(sqrt(n2), eps) has zero gradient where the clamp is active.
+        dnp[p] = raw > kEps ? -dc * dotp[p] / (2.0f * nrm * nrm * nrm) : 0.0f;
+      }
+      row_dt[gi] += st, row_db[gi] += sb;
+    }
+    // Per (image, head, text): da = ddot c + 2 dn2 (G a); ds = a (da - sum_k a da) / tau. In place:
+    // S <- ds, C <- ddot * a (the cotangent of c), P <- dn2 * a (so that dG_i += P_i A_i^T).
+    float* Sp = sc.S.data_ptr<float>();
+    float* Cp = sc.C.data_ptr<float>();
+    float* Pp = sc.P.data_ptr<float>();
+    const float* Ap = sc.A.data_ptr<float>();
+    float* sm = sc.sm.data();
+    for (int64_t i = 0; i < ti; ++i) {
+      const float* dd = ddp + i * tj;
+      const float* dn = dnp + i * tj;
+      for (int64_t h = 0; h < H; ++h) {
+        std::fill(sm, sm + tj, 0.0f);
+        for (int64_t kk = 0; kk < K; ++kk) {
+          const float* a = Ap + ((i * H + h) * K + kk) * tj;
+          const float* cr = Cp + ((h * ti + i) * K + kk) * tj;
+          const float* p = Pp + ((i * H + h) * K + kk) * tj;
+#pragma omp simd
+          for (int64_t j = 0; j < tj; ++j) sm[j] += a[j] * (dd[j] * cr[j] + 2.0f * dn[j] * p[j]);
+        }
+        for (int64_t kk = 0; kk < K; ++kk) {
+          const float* a = Ap + ((i * H + h) * K + kk) * tj;
+          float* s = Sp + ((h * ti + i) * K + kk) * tj;
+          float* cr = Cp + ((h * ti + i) * K + kk) * tj;
+          float* p = Pp + ((i * H + h) * K + kk) * tj;
+#pragma omp simd
+          for (int64_t j = 0; j < tj; ++j) {
+            const float da = dd[j] * cr[j] + 2.0f * dn[j] * p[j];
+            s[j] = a[j] * (da - sm[j]) * inv_tau;
+            cr[j] = dd[j] * a[j];
+            p[j] = dn[j] * a[j];
+          }
+        }
+      }
+    }
+    // Gradient GEMMs: image side (dK, dV and dG of the block, per thread) and text side (dQ, dU).
+    at::Tensor S = head_view(sc.S, in, t), C = head_view(sc.C, in, t);
+    for (int64_t h = 0; h < H; ++h) {
+      at::Tensor qb = in.qh[h].narrow(0, t.j0, tj), ub = in.uh[h].narrow(0, t.j0, tj);
+      sc.dkb[h].addmm_(S[h], qb);
+      sc.dvb[h].addmm_(C[h], ub);
+      dqh[tid][h].narrow(0, t.j0, tj).addmm_(S[h].t(), sc.kb[h]);
+      duh[tid][h].narrow(0, t.j0, tj).addmm_(C[h].t(), sc.vb[h]);
+    }
+    at::Tensor A = image_view(sc.A, in, t), P = image_view(sc.P, in, t);
+    sc.dG.narrow(0, 0, ti).baddbmm_(P, A.transpose(1, 2));
+  }, after);
+  for (int th = 1; th < nth; ++th) {
+    dqh[0].add_(dqh[th]), duh[0].add_(duh[th]), dm[0].add_(dm[th]);
+  }
+  auto unhead3 = [&](const at::Tensor& x) { return x.permute({1, 0, 2}).contiguous(); };
+  return {dk, dv, unhead3(dqh[0]), unhead3(duh[0]), dm[0].view({in.D, in.D}),
+          at::scalar_tensor(ordered_sum(row_dt), f32), at::scalar_tensor(ordered_sum(row_db), f32)};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "Fused Llip (form 3) scores and losses on the CPU; see llip_kernels/cpu_ext.py";
+  mod.def("pair_forward", &pair_forward, "tiled forward: cos, sigmoid loss or softmax loss (+ log-sum-exps)");
+  mod.def("pair_backward", &pair_backward, "tiled backward: dk, dv, dq, du, dm, dt, db");
+}

@@ -1,0 +1,195 @@
+"""Backend "cpu" (the fused C++ kernel, llip_kernels/cpu_ext.py + csrc/cpu/) against the fp64 reference.
+
+Every check goes through ``check_op_against_reference`` (SPEC section 6: output and every input gradient within
+2x the same-dtype torch error + a floor). The first test to run builds the extension (about 10-60 s).
+"""
+
+import pytest
+import torch
+
+import llip_kernels as lk
+from llip_kernels import _build, cpu_ext, dispatch
+from llip_kernels._validate import LlipProblem
+from llip_kernels.testing import (
+    KINDS,
+    check_op_against_reference,
+    make_llip_inputs,
+    record_allocations,
+    run_op,
+)
+
+_why = cpu_ext.environment_reasons()
+pytestmark = pytest.mark.skipif(bool(_why), reason="cpu backend unavailable: " + "; ".join(_why))
+
+OPS = ("logits", "sigmoid_loss", "softmax_loss")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Force many ragged tiles (3 images x 8 texts) so the cross-tile paths run: the online log-sum-exps,
+    gradient accumulation across tiles, and the diagonal / positive pairs that fall on tile edges."""
+    monkeypatch.setattr(cpu_ext, "tile_sizes", lambda Bi, Bt, H, K: (min(Bi, 3), min(Bt, 8)))
+
+
+def _inputs(op, Bi, Bt, H, K, d, **kw):
+    return make_llip_inputs(Bi, Bi if op == "softmax_loss" else Bt, H, K, d, **kw)
+
+
+# Shapes: Bi != Bt and primes (no tile divides them), d not a power of two, K = 1 (softmax is the identity,
+# the gradient through it is zero), K = 64 / 65 (the largest paper K and one past it).
+SHAPES = [
+    pytest.param((7, 33, 2, 5, 48), id="Bi7-Bt33-H2-K5-d48"),
+    pytest.param((5, 3, 3, 1, 48), id="Bi5-Bt3-H3-K1-d48"),
+    pytest.param((3, 11, 1, 64, 96), id="Bi3-Bt11-H1-K64-d96"),
+    pytest.param((4, 7, 2, 65, 48), id="Bi4-Bt7-H2-K65-d48"),
+]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_odd_shapes_fp32(op, shape):
+    check_op_against_reference(op, _inputs(op, *shape), "cpu", pos_offset=0)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_adversarial_kinds_fp32(op, kind, small_tiles):
+    check_op_against_reference(op, _inputs(op, 9, 13, 2, 5, 48, kind=kind, seed=3), "cpu", pos_offset=1)
+
+
+@pytest.mark.parametrize("pos_offset", [0, 3, -2, None])
+def test_sigmoid_pos_offsets(pos_offset, small_tiles):
+    # 11 x 17 on 3 x 8 tiles: positives cross tile edges; offset -2 leaves images 0-1 without a positive.
+    x = make_llip_inputs(11, 17, 2, 4, 48, kind="large_scale", seed=5)
+    check_op_against_reference("sigmoid_loss", x, "cpu", pos_offset=pos_offset)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("kind", ["gaussian", "peaked", "non_unit"])
+def test_bf16(op, kind):
+    check_op_against_reference(op, _inputs(op, 7, 12, 2, 5, 48, kind=kind, dtype=torch.bfloat16), "cpu")
+
+
+def test_fp16_upcast():
+    check_op_against_reference("sigmoid_loss", make_llip_inputs(6, 9, 2, 3, 48, dtype=torch.float16), "cpu")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_multi_tile_matches_single_tile(op, small_tiles):
+    # The same call on 3 x 8 tiles must agree with the fp64 reference too (ragged last tiles: 10 = 3+3+3+1).
+    check_op_against_reference(op, _inputs(op, 10, 19, 2, 6, 48, seed=7), "cpu", pos_offset=2)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bitwise_deterministic(op, small_tiles):
+    x = _inputs(op, 10, 19, 2, 6, 48, seed=11)
+    first = run_op(op, x, "cpu", pos_offset=1)
+    second = run_op(op, x.to(torch.float32), "cpu", pos_offset=1)
+    assert torch.equal(first.out, second.out)
+    for name, g in first.grads.items():
+        assert torch.equal(g, second.grads[name]), f"d{name} differs between two identical calls"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_two_threads(op, small_tiles, monkeypatch):
+    # Image blocks spread over 2 threads: per-thread scratch and the per-thread partial sums (dQ, dU, dM, the
+    # loss rows, the softmax column statistics) merged in thread order, so still bitwise repeatable.
+    monkeypatch.setenv(cpu_ext.ENV_THREADS, "2")
+    x = _inputs(op, 10, 19, 2, 6, 48, seed=13)
+    check_op_against_reference(op, x, "cpu", pos_offset=1)
+    first, second = (run_op(op, x.to(torch.float32), "cpu", pos_offset=1) for _ in range(2))
+    assert torch.equal(first.out, second.out)
+    for name, g in first.grads.items():
+        assert torch.equal(g, second.grads[name]), f"d{name} differs between two identical calls"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_no_large_allocations(op):
+    # H*K = 3 and D = 8 keep every O(Bi) / O(Bt) tensor (k, v: [64, 1, 3, 8])
+    # below Bi*Bt, so any tensor that large could only be a materialised score matrix.
+    Bi = Bt = 64
+    x = make_llip_inputs(Bi, Bt, 1, 3, 8)
+    with record_allocations() as rec:
+        run_op(op, x, "cpu")
+    limit = Bi * Bt * 3 if op == "logits" else Bi * Bt
+    big = [a for a in rec.at_least(limit) if not (op == "logits" and a.shape == (Bi, Bt))]
+    assert not big, f"allocations of >= {limit} elements: {big[:5]}"
+    assert rec.allocations, "the recorder saw nothing: the test would pass vacuously"
+
+
+def test_workspace_is_bounded():
+    # The C++ scratch (invisible to record_allocations) is fixed by the tile sizes, not by the batch.
+    ws = cpu_ext.workspace_floats(1024, 1024, 8, 32)
+    assert ws == cpu_ext.workspace_floats(4096, 4096, 8, 32)
+    assert ws < 1024 * 1024 * 32 / 8
+
+
+def test_opcheck():
+    ops = torch.ops.llip_kernels
+    x = make_llip_inputs(5, 7, 2, 3, 8, seed=2)
+    k, v, q, u, m, _, _ = (a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
+                           for a in cpu_ext._prepare(x.k, x.v, x.q, x.y, x.w_out))
+    t, b = x.t.detach().requires_grad_(), x.b.detach().requires_grad_()
+    torch.library.opcheck(ops.cpu_cos, (k, v, q, u, m, 2.0, 2, 4))
+    torch.library.opcheck(ops.cpu_sigmoid_loss, (k, v, q, u, m, t, b, 2.0, 1, 2, 4))
+    torch.library.opcheck(ops.cpu_sigmoid_loss, (k, v, q, u, m, t, b, 2.0, None, 2, 4))
+    x = make_llip_inputs(5, 5, 2, 3, 8, seed=2)
+    k, v, q, u, m, _, _ = (a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
+                           for a in cpu_ext._prepare(x.k, x.v, x.q, x.y, x.w_out))
+    torch.library.opcheck(ops.cpu_softmax_loss, (k, v, q, u, m, t, 2.0, 2, 4))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_torch_compile_fullgraph(op):
+    x = _inputs(op, 6, 9, 2, 3, 16, seed=4)
+
+    def f(k, v, q, y, w_out, t, b):
+        if op == "logits":
+            return lk.llip_logits(k, v, q, y, w_out, tau=x.tau, logit_scale=t, logit_bias=b, backend="cpu").sum()
+        if op == "sigmoid_loss":
+            return lk.llip_sigmoid_loss(k, v, q, y, w_out, t, b, tau=x.tau, backend="cpu")
+        return lk.llip_softmax_loss(k, v, q, y, w_out, t, tau=x.tau, backend="cpu") + 0 * b
+
+    args = list(x.tensors().values())
+    eager = f(*args)
+    eager_grads = torch.autograd.grad(eager, args)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(*args)
+    grads = torch.autograd.grad(out, args)
+    torch.testing.assert_close(out, eager)
+    for a, e in zip(grads, eager_grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_refuses_huge_hk_with_reason():
+    p = LlipProblem("sigmoid_loss", 4, 4, 2, 600, 8, torch.float32, torch.device("cpu"), 1.0, True)
+    why = cpu_ext.not_supported_reasons("sigmoid_loss", p)
+    assert any("H*K" in w for w in why)
+
+
+def test_bad_input_raises_shared_validation_error():
+    x = make_llip_inputs(3, 4, 2, 3, 8)
+    with pytest.raises(TypeError, match="w_out has dtype"):
+        lk.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out.double(), x.t, x.b, tau=1.0, backend="cpu")
+
+
+def test_missing_compiler_gives_reason_and_falls_back(monkeypatch, tmp_path):
+    # A build under another name with $CXX pointing nowhere: the reason names the compiler, backend="cpu" raises
+    # it, and automatic dispatch falls through to the next CPU backend.
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    monkeypatch.setenv(_build.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_ext, "EXT_NAME", "llip_cpu_ext_missing_compiler_test")
+    monkeypatch.delitem(_build._results, cpu_ext.EXT_NAME, raising=False)
+    x = make_llip_inputs(4, 5, 2, 3, 8)
+    problem = lk._validate.check_llip_inputs("sigmoid_loss", x.k, x.v, x.q, x.y, x.w_out, tau=x.tau)
+    why = cpu_ext.not_supported_reasons("sigmoid_loss", problem)
+    assert len(why) == 1 and "no C++ compiler" in why[0] and "no-such-c++" in why[0]
+    assert cpu_ext.environment_reasons() == why  # remembered, not retried
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        lk.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau, backend="cpu")
+    chosen = dispatch.select_backend(problem, None)
+    assert chosen is not cpu_ext
+    loss = lk.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau)
+    ref = lk.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau, backend="reference")
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
