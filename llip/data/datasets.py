@@ -1,0 +1,189 @@
+"""Map-style training data (built-in scenes, CSV/TSV of image paths) and the step-indexed sampler.
+
+Exact resume rests on one property: the samples of training step ``s`` are a pure function of
+``(seed, s, rank, world)``. :class:`StepSampler` maps step ``s`` to global sample positions
+``[s * global_batch, (s + 1) * global_batch)``, each position to ``(epoch, index)`` through a per-epoch seeded
+permutation, and gives rank ``r`` its slice. Datasets take ``(epoch, index)`` keys and seed any randomness
+(augmentation, caption choice) from them, so neither worker count nor a resume changes a batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import builtin
+
+Key = tuple[int, int]  # (epoch, index)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields, for steps ``start_step, start_step + 1, ...`` (forever, or up to ``end_step``), this rank's list of
+    ``(epoch, index)`` keys. Epoch ``e`` visits ``range(length)`` in the order ``permutation(seed, e)``."""
+
+    def __init__(
+        self,
+        length: int,
+        global_batch: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        start_step: int = 0,
+        end_step: int | None = None,
+        shuffle: bool = True,
+    ):
+        if length <= 0:
+            raise ValueError("the dataset is empty")
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by the world size {world}")
+        self.length, self.global_batch, self.seed = length, global_batch, seed
+        self.rank, self.world, self.shuffle = rank, world, shuffle
+        self.start_step, self.end_step = start_step, end_step
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            order = (
+                np.random.default_rng([self.seed, epoch, 0x5A3]).permutation(self.length)
+                if self.shuffle
+                else np.arange(self.length)
+            )
+            self._perm = (epoch, order)
+        return self._perm[1]
+
+    def keys_for_step(self, step: int) -> list[Key]:
+        local = self.global_batch // self.world
+        first = step * self.global_batch + self.rank * local
+        keys = []
+        for p in range(first, first + local):
+            epoch, pos = divmod(p, self.length)
+            keys.append((epoch, int(self._order(epoch)[pos])))
+        return keys
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        step = self.start_step
+        while self.end_step is None or step < self.end_step:
+            yield self.keys_for_step(step)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.end_step is None:
+            raise TypeError("an endless StepSampler has no length")
+        return max(0, self.end_step - self.start_step)
+
+
+def seeded_call(fn: Callable, x, seed_parts: tuple[int, ...]):
+    """``fn(x)`` with torch, numpy and python RNGs seeded from ``seed_parts`` and restored afterwards, so random
+    augmentations depend on the sample, not on the process that happens to load it."""
+    seed = int(np.random.default_rng(list(seed_parts)).integers(2**62))
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            return fn(x)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class BuiltinDataset(torch.utils.data.Dataset):
+    """Built-in scenes ``0 .. length-1`` of a split; ``dataset[(epoch, n)] -> (image [3,S,S] float32, caption)``.
+    The caption is one of the scene's captions, chosen by ``(seed, epoch, n)``."""
+
+    def __init__(
+        self, image_size: int, transform: Callable, *, length: int = 100_000, split: str = "train", seed: int = 0
+    ):
+        self.image_size, self.transform, self.length, self.split, self.seed = image_size, transform, length, split, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: Key):
+        epoch, n = key
+        scene = builtin.make_scene(self.split, n)
+        caption = scene.captions[builtin.caption_choice(self.seed, epoch, n, len(scene.captions))]
+        image = builtin.render(scene, self.image_size)
+        return seeded_call(self.transform, image, (self.seed, epoch, n)), caption
+
+
+class CsvDataset(torch.utils.data.Dataset):
+    """Rows of (image path, caption) from a CSV (``,``) or TSV (``\\t``, by extension) file with a header.
+
+    Column names default to the first of ``filepath/image/image_path/path`` and ``caption/title/text`` found in
+    the header. Relative image paths are relative to the file's folder. An unreadable image is skipped: the
+    next row (cyclically) is used instead, so batches keep their size, and ``skipped`` counts it."""
+
+    IMAGE_KEYS = ("filepath", "image", "image_path", "path", "file")
+    CAPTION_KEYS = ("caption", "title", "text")
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        transform: Callable,
+        *,
+        seed: int = 0,
+        image_key: str | None = None,
+        caption_key: str | None = None,
+        max_skip: int = 64,
+    ):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"CSV/TSV data file not found: {path}")
+        delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            header = reader.fieldnames or []
+            image_key = image_key or next((k for k in self.IMAGE_KEYS if k in header), None)
+            caption_key = caption_key or next((k for k in self.CAPTION_KEYS if k in header), None)
+            if image_key not in header or caption_key not in header:
+                raise ValueError(
+                    f"{path}: need an image column (one of {self.IMAGE_KEYS}) and a caption column (one of "
+                    f"{self.CAPTION_KEYS}) in the header; found {header}"
+                )
+            rows = [(r[image_key], r[caption_key]) for r in reader if r.get(image_key) and r.get(caption_key)]
+        if not rows:
+            raise ValueError(f"{path}: no (image, caption) rows")
+        self.root, self.rows, self.transform, self.seed, self.max_skip = path.parent, rows, transform, seed, max_skip
+        self.skipped = 0  # per process; the collate function reports deltas so the trainer can log a total
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: Key):
+        epoch, n = key
+        for attempt in range(min(self.max_skip, len(self.rows))):
+            i = (n + attempt) % len(self.rows)
+            image_path, caption = self.rows[i]
+            try:
+                with Image.open(self.root / image_path) as im:
+                    image = im.convert("RGB")
+            except Exception:  # noqa: BLE001 - any decoding failure means "skip this sample"
+                self.skipped += 1
+                continue
+            return seeded_call(self.transform, image, (self.seed, epoch, i)), caption
+        raise RuntimeError(f"{self.max_skip} consecutive unreadable images from row {n}; is the image root right?")
+
+
+class Collate:
+    """Stacks images, tokenizes captions -> ``{"images" [B,3,S,S], "tokens" [B,L], "skipped": int}``.
+    ``skipped`` is how many corrupt samples the dataset (in this worker) skipped since its previous batch."""
+
+    def __init__(self, tokenizer: Callable, dataset=None):
+        self.tokenizer, self.dataset, self._reported = tokenizer, dataset, 0
+
+    def __call__(self, samples):
+        images = torch.stack([s[0] for s in samples])
+        tokens = self.tokenizer([s[1] for s in samples])
+        total = getattr(self.dataset, "skipped", 0)
+        skipped, self._reported = total - self._reported, total
+        return {"images": images, "tokens": tokens, "skipped": skipped}
