@@ -27,4 +27,4 @@ cuda-ext:
 
 # Compile every Triton kernel ahead of time for sm_90a and sm_80 (no GPU needed) and print registers/spills/smem.
 compile-table: setup
-	env -u TRITON_INTERPRET $(PY) bench/triton_compile_table.py
+	env -u TRITON_INTERPRET $(PY) bench/triton_compile_table.py --workers 2 --json bench/results/triton_compile_table.json --md bench/results/triton_compile_table.md

@@ -35,6 +35,7 @@ class KernelSpec:
     constexprs: dict
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # ptxas register cap, as the launcher passes it
 
 
 def launch_specs(H: int, K: int, d: int, dtype: torch.dtype, Bt: int = 32768, capability: int = 90) -> list[KernelSpec]:
@@ -61,18 +62,18 @@ def launch_specs(H: int, K: int, d: int, dtype: torch.dtype, Bt: int = 32768, ca
             G_LOWP=p.G_LOWP,
             G_PREC=p.G_PREC,
         )
-        return consts, cfg.num_warps, cfg.num_stages
+        return consts, (cfg.num_warps, cfg.num_stages, cfg.maxnreg)
 
-    fwd, w, s = base(False)
-    specs = [KernelSpec(f"fwd_image[MODE={m}]", _fwd_image_kernel, dict(fwd, MODE=m), w, s) for m in (0, 1, 2)]
-    specs.append(KernelSpec("fwd_text", _fwd_text_kernel, dict(fwd), w, s))
-    bwd, w, s = base(True)
+    fwd, o = base(False)
+    specs = [KernelSpec(f"fwd_image[MODE={m}]", _fwd_image_kernel, dict(fwd, MODE=m), *o) for m in (0, 1, 2)]
+    specs.append(KernelSpec("fwd_text", _fwd_text_kernel, dict(fwd), *o))
+    bwd, o = base(True)
     # atomics (default) or ordered (deterministic mode, followed by the text-stationary pass)
     for m in (0, 1, 2):
         for name, atomic in (("atomic", True), ("ordered", False)):
             consts = dict(bwd, MODE=m, DG_PREC=p.DG_PREC, DO_TXT=atomic, IMG_ATOMIC=atomic)
-            specs.append(KernelSpec(f"bwd_image[MODE={m},{name}]", _bwd_image_kernel, consts, w, s))
-        specs.append(KernelSpec(f"bwd_text[MODE={m}]", _bwd_text_kernel, dict(bwd, MODE=m), w, s))
+            specs.append(KernelSpec(f"bwd_image[MODE={m},{name}]", _bwd_image_kernel, consts, *o))
+        specs.append(KernelSpec(f"bwd_text[MODE={m}]", _bwd_text_kernel, dict(bwd, MODE=m), *o))
     return specs
 
 
@@ -132,7 +133,10 @@ def compile_spec(spec: KernelSpec, dtype: torch.dtype, capability: int) -> dict:
 
     src = ASTSource(fn=spec.fn, signature=_signature(spec.fn, spec.constexprs, dtype), constexprs=spec.constexprs)
     target = GPUTarget("cuda", capability, 32)
-    k = triton.compile(src, target=target, options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+    options = dict(num_warps=spec.num_warps, num_stages=spec.num_stages)
+    if spec.maxnreg is not None:
+        options["maxnreg"] = spec.maxnreg
+    k = triton.compile(src, target=target, options=options)
     arch = "sm_90a" if capability == 90 else f"sm_{capability}"
     usage = _ptxas_usage(k.asm["ptx"], arch)
     smem = int(k.metadata.shared)
@@ -143,6 +147,7 @@ def compile_spec(spec: KernelSpec, dtype: torch.dtype, capability: int) -> dict:
         shared_bytes=smem,
         smem_ok=smem <= SMEM_LIMIT[capability],
         num_warps=spec.num_warps,
+        maxnreg=spec.maxnreg,
         **usage,
         wgmma="wgmma" in k.asm["ptx"],
     )

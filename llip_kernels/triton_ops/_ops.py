@@ -37,6 +37,7 @@ MAX_BLOCK_G = 32
 MAX_BLOCK_D = 32  # forward; 64-wide chunks spill at d = 64, 128
 NUM_WARPS = 8
 NUM_STAGES = 1
+MAX_REGISTERS = 255  # per-thread cap of the fp32 4-warp programs (one block per SM by design)
 # Persistent grids. Work items: an image (or a text block) and its share of the other side; n_split shares
 # per item are chosen to reach WORK_PER_SM items per SM (load balance, parallelism when Bi is small). Programs:
 # GRID_PER_SM per SM (one 8-warp CTA using ~250 registers/thread is resident per SM); each strides over work
@@ -63,6 +64,14 @@ class TileConfig:
     BG: int  # Gram-matrix tile
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # per-thread register cap handed to ptxas (None: ptxas picks its own)
+
+    def launch_options(self) -> dict:
+        """Launch keywords of the compiled kernel (the interpreter ignores them)."""
+        opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
 
 def tile_config(
@@ -78,9 +87,13 @@ def tile_config(
     nothing); d not a multiple of 16 uses 16 with masking (tl.dot needs inner dims >= 16). The backward keeps
     more blocks alive, so it takes 32 tokens and 16 head dims per product; before Hopper (no wgmma, and ptxas
     then caps 8-warp programs at 128 registers) and for fp32 operands (IEEE products on FMA units hold larger
-    fragments) it also takes 32 texts, Gram tiles of 16 and 4 warps, and fp32 16 tokens. All to stay clear of
-    register spills (see bench/triton_compile_table.py; the fp32 text-stationary pass of the deterministic mode
-    still spills a few bytes, ptxas settling for 128 registers whatever the tile)."""
+    fragments) it also takes 32 texts, Gram tiles of 16 and 4 warps, and fp32 16 tokens. The fp32 4-warp
+    programs get a cap of 255 registers: left alone, ptxas aims at several resident blocks per SM (it settles
+    for 128 or 168 registers and spills up to ~300 bytes), but the persistent grid keeps one block per SM, so
+    the extra registers cost no occupancy. (bf16 4-warp programs fit without it, and with it one spills 4 bytes
+    on sm_80: ptxas's choices are not monotonic, so the table decides.) Before Hopper the forward takes 16 head
+    dims per product (32 spills at d = 128 in bf16). Every configuration of every paper head is checked
+    spill-free by bench/triton_compile_table.py."""
     small = backward and (capability < 90 or not lowp)
     max_bt = min(MAX_BLOCK_T, MAX_BLOCK_T_BWD) if backward else MAX_BLOCK_T
     if small:
@@ -93,10 +106,14 @@ def tile_config(
     BD = 16
     if d % 16 == 0:
         BD = min(MAX_BLOCK_D, MAX_BLOCK_D_BWD) if backward else MAX_BLOCK_D
+        if capability < 90:
+            BD = min(BD, 16)
         while d % BD:
             BD //= 2
     BG = min(min(MAX_BLOCK_G, 16) if small else MAX_BLOCK_G, max(16, _next_pow2(H * K)))
-    return TileConfig(BT, BK, BD, BG, 4 if small else NUM_WARPS, NUM_STAGES)
+    if small:
+        return TileConfig(BT, BK, BD, BG, 4, NUM_STAGES, maxnreg=None if lowp else MAX_REGISTERS)
+    return TileConfig(BT, BK, BD, BG, NUM_WARPS, NUM_STAGES)
 
 
 @dataclass(frozen=True)
@@ -184,19 +201,7 @@ class _LlipPairs(torch.autograd.Function):
         cfg = tile_config(H, K, shape["d"], Bt, capability=_capability(k.device), lowp=prec.LOWP)
         n_tb = triton_cdiv(Bt, cfg.BT)
         dev = k.device
-        kw = dict(
-            **shape,
-            BT=cfg.BT,
-            BK=cfg.BK,
-            BD=cfg.BD,
-            BG=cfg.BG,
-            LOWP=prec.LOWP,
-            PREC=prec.PREC,
-            G_LOWP=prec.G_LOWP,
-            G_PREC=prec.G_PREC,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+        kw = _kernel_kwargs(shape, cfg, prec)
         n_split = _split(Bi, n_tb, dev)
         grid = _grid(Bi * n_split, dev)
         scratch = torch.empty(grid * cfg.BT * H * K, dtype=torch.float32, device=dev)
@@ -350,8 +355,7 @@ def _kernel_kwargs(shape: dict, cfg: TileConfig, prec: Precision) -> dict:
         PREC=prec.PREC,
         G_LOWP=prec.G_LOWP,
         G_PREC=prec.G_PREC,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **cfg.launch_options(),
     )
 
 
