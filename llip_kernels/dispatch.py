@@ -91,7 +91,9 @@ def select_backend(problem: LlipProblem, backend: str | None) -> ModuleType:
     if requested is not None and requested != "auto":
         if requested not in BACKEND_MODULES:
             source = "backend=" if backend is not None else f"${ENV_BACKEND}="
-            raise ValueError(f"unknown backend {source}{requested!r}; choose one of {sorted(BACKEND_MODULES)} or 'auto'")
+            raise ValueError(
+                f"unknown backend {source}{requested!r}; choose one of {sorted(BACKEND_MODULES)} or 'auto'"
+            )
         why = reasons_for(requested, problem)
         if why:
             raise RuntimeError(
