@@ -105,18 +105,13 @@ def run_worker(provider: str, batch: int, reps: int, timeout: float) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+def matmul_gflops() -> float:
+    """The suite's yardstick (:func:`bench.common.matmul_tflops`, fp32 2048^3 on the CPU) in GFLOP/s."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    from bench.common import matmul_tflops
+
+    return matmul_tflops("cpu", torch.float32)["tflops"] * 1e3
 
 
 def main(argv=None) -> int:
