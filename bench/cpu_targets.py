@@ -88,8 +88,14 @@ def worker(provider: str, batch: int, reps: int) -> dict:
         loss = step()
         if i > 0 or reps == 0:
             times.append(time.perf_counter() - t0)
-    return {"provider": provider, "batch": batch, "seconds": min(times), "peak_mb": _peak_rss_mb() - base,
-            "loss": float(loss.detach()), "threads": torch.get_num_threads()}
+    return {
+        "provider": provider,
+        "batch": batch,
+        "seconds": min(times),
+        "peak_mb": _peak_rss_mb() - base,
+        "loss": float(loss.detach()),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run_worker(provider: str, batch: int, reps: int, timeout: float) -> dict:
@@ -154,20 +160,26 @@ def main(argv=None) -> int:
             if ok(r):
                 ratio = r["seconds"] / cpu["seconds"]
                 verdict = "PASS" if ratio >= target else "FAIL"
-                print(f"speed   cpu vs {other:<9}: {ratio:6.2f}x  (target >= {target}x) {verdict}   "
-                      f"[{cpu['seconds']:.2f} s vs {r['seconds']:.2f} s]")
+                print(
+                    f"speed   cpu vs {other:<9}: {ratio:6.2f}x  (target >= {target}x) {verdict}   "
+                    f"[{cpu['seconds']:.2f} s vs {r['seconds']:.2f} s]"
+                )
             elif r is not None:
                 print(f"speed   cpu vs {other:<9}: n/a ({r['error']})")
         ref = rows.get("reference")
         if ok(ref):
             frac = cpu["peak_mb"] / max(ref["peak_mb"], 1e-9)
             verdict = "PASS" if frac <= 1 / 20 else "FAIL"
-            print(f"memory  cpu / reference  : {frac:6.3f}   (target <= 0.050) {verdict}   "
-                  f"[{cpu['peak_mb']:.0f} MB vs {ref['peak_mb']:.0f} MB]")
+            print(
+                f"memory  cpu / reference  : {frac:6.3f}   (target <= 0.050) {verdict}   "
+                f"[{cpu['peak_mb']:.0f} MB vs {ref['peak_mb']:.0f} MB]"
+            )
         gf = fl / cpu["seconds"] / 1e9
         verdict = "PASS" if gf >= 0.5 * mm else "FAIL"
-        print(f"flops   cpu form 3       : {gf:6.1f} GFLOP/s = {100 * gf / mm:.0f}% of torch.mm (target >= 50%) "
-              f"{verdict}   [{fl / 1e9:.0f} GFLOP fwd+bwd]")
+        print(
+            f"flops   cpu form 3       : {gf:6.1f} GFLOP/s = {100 * gf / mm:.0f}% of torch.mm (target >= 50%) "
+            f"{verdict}   [{fl / 1e9:.0f} GFLOP fwd+bwd]"
+        )
     elif cpu is not None:
         print(f"cpu failed: {cpu['error']}")
     if big is not None:

@@ -89,8 +89,9 @@ def load_extension(
     with _lock:
         if name not in _results:
             try:
-                _results[name] = _build(name, sources, extra_cflags or [], extra_ldflags or [],
-                                        extra_cuda_cflags or [], with_cuda)
+                _results[name] = _build(
+                    name, sources, extra_cflags or [], extra_ldflags or [], extra_cuda_cflags or [], with_cuda
+                )
             except ExtensionBuildError as e:
                 _results[name] = str(e)
         result = _results[name]
@@ -134,6 +135,5 @@ def _build(name, sources, cflags, ldflags, cuda_cflags, with_cuda) -> ModuleType
         detail = str(e).strip().splitlines()
         tail = " | ".join(line.strip() for line in detail[-6:] if line.strip())
         raise ExtensionBuildError(
-            f"building the {name} extension failed ({type(e).__name__}: {tail}); "
-            f"the build folder is {build_dir}"
+            f"building the {name} extension failed ({type(e).__name__}: {tail}); the build folder is {build_dir}"
         ) from e

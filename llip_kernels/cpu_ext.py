@@ -186,8 +186,9 @@ Grads7 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # ... + 
 
 
 @torch.library.custom_op(_ns + "cpu_cos", mutates_args=())
-def cpu_cos(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, u: torch.Tensor, m: torch.Tensor, tau: float,
-            ti: int, tj: int) -> torch.Tensor:
+def cpu_cos(
+    k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, u: torch.Tensor, m: torch.Tensor, tau: float, ti: int, tj: int
+) -> torch.Tensor:
     """``cos(z_ij, y_j)`` for every pair -> ``[Bi, Bt]`` float32."""
     zero = k.new_zeros(())
     return _pair_forward(_MODE_COS, k, v, q, u, m, zero, zero, tau, False, 0, ti, tj)[0]
@@ -199,8 +200,17 @@ def _(k, v, q, u, m, tau, ti, tj):
 
 
 @torch.library.custom_op(_ns + "cpu_cos_backward", mutates_args=())
-def cpu_cos_backward(dcos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, u: torch.Tensor,
-                     m: torch.Tensor, tau: float, ti: int, tj: int) -> Grads5:
+def cpu_cos_backward(
+    dcos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q: torch.Tensor,
+    u: torch.Tensor,
+    m: torch.Tensor,
+    tau: float,
+    ti: int,
+    tj: int,
+) -> Grads5:
     zero = k.new_zeros(())
     out = _pair_backward(_MODE_COS, dcos, k, v, q, u, m, zero, zero, zero, zero, tau, False, 0, ti, tj)
     return tuple(out[:5])
@@ -225,9 +235,19 @@ cpu_cos.register_autograd(_cos_bwd, setup_context=_cos_setup)
 
 
 @torch.library.custom_op(_ns + "cpu_sigmoid_loss", mutates_args=())
-def cpu_sigmoid_loss(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, u: torch.Tensor, m: torch.Tensor,
-                     t: torch.Tensor, b: torch.Tensor, tau: float, pos_offset: int | None, ti: int,
-                     tj: int) -> torch.Tensor:
+def cpu_sigmoid_loss(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q: torch.Tensor,
+    u: torch.Tensor,
+    m: torch.Tensor,
+    t: torch.Tensor,
+    b: torch.Tensor,
+    tau: float,
+    pos_offset: int | None,
+    ti: int,
+    tj: int,
+) -> torch.Tensor:
     """SigLIP loss ``-(1/Bi) sum_ij log sigmoid(l_ij (t cos_ij + b))`` -> ``[]`` float32."""
     off = 0 if pos_offset is None else pos_offset
     return _pair_forward(_MODE_SIGMOID, k, v, q, u, m, t, b, tau, pos_offset is not None, off, ti, tj)[0]
@@ -239,13 +259,23 @@ def _(k, v, q, u, m, t, b, tau, pos_offset, ti, tj):
 
 
 @torch.library.custom_op(_ns + "cpu_sigmoid_loss_backward", mutates_args=())
-def cpu_sigmoid_loss_backward(grad: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor,
-                              u: torch.Tensor, m: torch.Tensor, t: torch.Tensor, b: torch.Tensor, tau: float,
-                              pos_offset: int | None, ti: int, tj: int) -> Grads7:
+def cpu_sigmoid_loss_backward(
+    grad: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q: torch.Tensor,
+    u: torch.Tensor,
+    m: torch.Tensor,
+    t: torch.Tensor,
+    b: torch.Tensor,
+    tau: float,
+    pos_offset: int | None,
+    ti: int,
+    tj: int,
+) -> Grads7:
     off = 0 if pos_offset is None else pos_offset
     zero = k.new_zeros(())
-    out = _pair_backward(_MODE_SIGMOID, grad, k, v, q, u, m, t, b, zero, zero, tau,
-                                    pos_offset is not None, off, ti, tj)
+    out = _pair_backward(_MODE_SIGMOID, grad, k, v, q, u, m, t, b, zero, zero, tau, pos_offset is not None, off, ti, tj)
     return tuple(out)
 
 
@@ -268,8 +298,17 @@ cpu_sigmoid_loss.register_autograd(_sig_bwd, setup_context=_sig_setup)
 
 
 @torch.library.custom_op(_ns + "cpu_softmax_loss", mutates_args=())
-def cpu_softmax_loss(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, u: torch.Tensor, m: torch.Tensor,
-                     t: torch.Tensor, tau: float, ti: int, tj: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cpu_softmax_loss(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q: torch.Tensor,
+    u: torch.Tensor,
+    m: torch.Tensor,
+    t: torch.Tensor,
+    tau: float,
+    ti: int,
+    tj: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE -> ``(loss [], lse_row [B], lse_col [B])``; the log-sum-exps feed the backward pass."""
     zero = k.new_zeros(())
     loss, lse_row, lse_col = _pair_forward(_MODE_SOFTMAX, k, v, q, u, m, t, zero, tau, False, 0, ti, tj)
@@ -282,12 +321,22 @@ def _(k, v, q, u, m, t, tau, ti, tj):
 
 
 @torch.library.custom_op(_ns + "cpu_softmax_loss_backward", mutates_args=())
-def cpu_softmax_loss_backward(grad: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor,
-                              u: torch.Tensor, m: torch.Tensor, t: torch.Tensor, lse_row: torch.Tensor,
-                              lse_col: torch.Tensor, tau: float, ti: int, tj: int) -> Grads6:
+def cpu_softmax_loss_backward(
+    grad: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q: torch.Tensor,
+    u: torch.Tensor,
+    m: torch.Tensor,
+    t: torch.Tensor,
+    lse_row: torch.Tensor,
+    lse_col: torch.Tensor,
+    tau: float,
+    ti: int,
+    tj: int,
+) -> Grads6:
     zero = k.new_zeros(())
-    out = _pair_backward(_MODE_SOFTMAX, grad, k, v, q, u, m, t, zero, lse_row, lse_col, tau, False, 0,
-                                    ti, tj)
+    out = _pair_backward(_MODE_SOFTMAX, grad, k, v, q, u, m, t, zero, lse_row, lse_col, tau, False, 0, ti, tj)
     return tuple(out[:6])
 
 

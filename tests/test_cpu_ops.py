@@ -127,15 +127,19 @@ def test_workspace_is_bounded():
 def test_opcheck():
     ops = torch.ops.llip_kernels
     x = make_llip_inputs(5, 7, 2, 3, 8, seed=2)
-    k, v, q, u, m, _, _ = (a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
-                           for a in cpu_ext._prepare(x.k, x.v, x.q, x.y, x.w_out))
+    k, v, q, u, m, _, _ = (
+        a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
+        for a in cpu_ext._prepare(x.k, x.v, x.q, x.y, x.w_out)
+    )
     t, b = x.t.detach().requires_grad_(), x.b.detach().requires_grad_()
     torch.library.opcheck(ops.cpu_cos, (k, v, q, u, m, 2.0, 2, 4))
     torch.library.opcheck(ops.cpu_sigmoid_loss, (k, v, q, u, m, t, b, 2.0, 1, 2, 4))
     torch.library.opcheck(ops.cpu_sigmoid_loss, (k, v, q, u, m, t, b, 2.0, None, 2, 4))
     x = make_llip_inputs(5, 5, 2, 3, 8, seed=2)
-    k, v, q, u, m, _, _ = (a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
-                           for a in cpu_ext._prepare(x.k, x.v, x.q, x.y, x.w_out))
+    k, v, q, u, m, _, _ = (
+        a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
+        for a in cpu_ext._prepare(x.k, x.v, x.q, x.y, x.w_out)
+    )
     torch.library.opcheck(ops.cpu_softmax_loss, (k, v, q, u, m, t, 2.0, 2, 4))
 
 
