@@ -10,9 +10,10 @@ Shape: B/16 head (K=32, H=8, D=512, d=64, tau=5), float32, ``llip_sigmoid_loss``
 - efficiency: ``cpu``'s FLOP/s, counting the FLOPs of form 3 that it performs (``cpu_ext.flops``), over a large
   fp32 ``torch.mm`` measured in the same run; target >= 50%.
 
-The cpu kernel runs on ``$LLIP_CPU_THREADS`` threads (default 1, see ``llip_kernels.cpu_ext._kernel_threads``);
-the other providers on torch's default. Timings on 2 shared cores are noisy: each worker takes the best of
-``--reps`` timed calls after one warm-up, and the ratios are what to read. ``--json PATH`` also writes every number.
+Every provider runs on torch's default thread count (the cpu kernel follows it unless ``$LLIP_CPU_THREADS`` says
+otherwise, see ``llip_kernels.cpu_ext._kernel_threads``); the yardstick matmul too. Timings on 2 shared cores are
+noisy: each worker takes the best of ``--reps`` timed calls after one warm-up, and the ratios are what to read.
+``--json PATH`` also writes every number.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def worker(provider: str, batch: int, reps: int) -> dict:
         loss.backward()
         return loss
 
+    threads = torch.get_num_threads()
+    if provider == "cpu" and os.environ.get("LLIP_CPU_THREADS"):
+        threads = int(os.environ["LLIP_CPU_THREADS"])
     times = []
     loss = None
     for i in range(reps + 1):  # the first call is a warm-up
@@ -94,7 +98,7 @@ def worker(provider: str, batch: int, reps: int) -> dict:
         "seconds": min(times),
         "peak_mb": _peak_rss_mb() - base,
         "loss": float(loss.detach()),
-        "threads": torch.get_num_threads(),
+        "threads": threads,
     }
 
 

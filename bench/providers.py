@@ -150,6 +150,8 @@ def unavailable_reasons(case: Case, tensors: dict[str, torch.Tensor]) -> list[st
     x = tensors
     if case.provider == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return ["TRITON_INTERPRET is set: interpreted Triton is a correctness tool, not benchmarked"]
+    if case.mode == "bwd" and case.op in _fused_training_ops(case.provider):
+        return [f"{case.provider} computes {case.op}'s gradients inside the forward sweep; see its fwd+bwd row"]
     if case.provider in BACKEND_PROVIDERS or case.provider == "reference_compile":
         name = "reference" if case.provider == "reference_compile" else case.provider
         reasons = _backend_reasons(name, case, x)
@@ -167,6 +169,15 @@ def unavailable_reasons(case: Case, tensors: dict[str, torch.Tensor]) -> list[st
             return [f"cannot import xformers.ops: {type(e).__name__}: {e}"]
         return []
     return [f"unknown provider {case.provider!r}"]
+
+
+def _fused_training_ops(provider: str) -> tuple[str, ...]:
+    """Ops whose backward work the provider does inside the forward call when gradients are wanted: their
+    "bwd" row would time a rescaling, not a backward pass."""
+    if provider not in BACKEND_PROVIDERS:
+        return ()
+    mod = dispatch.load_backend(provider)
+    return () if isinstance(mod, str) else tuple(getattr(mod, "FUSED_TRAINING_OPS", ()))
 
 
 def _backend_reasons(name: str, case: Case, x: dict[str, torch.Tensor]) -> list[str]:
@@ -338,16 +349,13 @@ def build(case: Case) -> Built:
 
 # ---- FLOP model --------------------------------------------------------------------------------------------
 
-# ``flops(..., backward=True)`` is the backward pass alone (cpu, cuda, torch); the triton backend's returns
-# forward + backward (its docstring says so), so its forward is subtracted to put every row on one footing.
-_FLOPS_BACKWARD_INCLUDES_FORWARD = {"triton"}
-
 
 def flop_model(case: Case) -> dict:
     """FLOPs of the algebraic form the provider uses (SPEC section 4) and form-1 "effective" FLOPs, for the
     case's mode. Per-image and per-text work (O(Bi + Bt)) is left out: the O(Bi * Bt) pair work dominates.
 
-    Backends may expose ``flops(op, Bi, Bt, H, K, d, backward)``; otherwise the provider is taken to compute
+    Backends may expose ``flops(op, Bi, Bt, H, K, d, backward)`` (the forward pass, or the backward pass alone:
+    the same convention everywhere); otherwise the provider is taken to compute
     form 1 (the as-written formula: reference, its compiled twin, the attention baselines), with the usual
     backward = 2 x forward. Pooled losses: ``2 D`` per pair (the cosine matrix).
     """
@@ -369,8 +377,6 @@ def flop_model(case: Case) -> dict:
                 op = case.op
                 fwd = float(mod.flops(op, case.Bi, case.Bt, c.H, c.K, c.d, False))
                 bwd = float(mod.flops(op, case.Bi, case.Bt, c.H, c.K, c.d, True))
-                if case.provider in _FLOPS_BACKWARD_INCLUDES_FORWARD:
-                    bwd -= fwd
                 form = getattr(mod, "FLOP_FORM", f"{case.provider}.flops()")
     per_mode = {"fwd": (fwd, f1_fwd), "bwd": (bwd, f1_bwd), "fwd+bwd": (fwd + bwd, f1_fwd + f1_bwd)}
     used, effective = per_mode[case.mode]

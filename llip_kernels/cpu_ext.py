@@ -38,7 +38,7 @@ MAX_HK = 1024  # beyond this the 2(HK)^2 per-pair term of form 3 dominates: form
 TILE_TEXTS = 256  # texts per tile: long, contiguous rows for the vectorised loops
 TILE_FLOATS = 1 << 19  # floats per scratch buffer (4 of them): 2 MiB each, near L2 size
 
-ENV_THREADS = "LLIP_CPU_THREADS"  # threads of the kernel (default 1; see _kernel_threads)
+ENV_THREADS = "LLIP_CPU_THREADS"  # threads of the kernel (default: torch's; see _kernel_threads)
 
 _MODE_COS, _MODE_SIGMOID, _MODE_SOFTMAX = 0, 1, 2
 
@@ -56,7 +56,9 @@ def _sources() -> list[Path]:
 def _cpu_flags() -> tuple[str, ...]:
     """-O3, vectorisation of our ``omp simd`` loops, and AVX2/FMA only when this CPU has them (checked at run
     time, and part of the build hash, so a cache shared with an older CPU never hands it an AVX2 binary)."""
-    flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    # -fopenmp, not just -fopenmp-simd: at::parallel_for is a header template whose `omp parallel` pragma is
+    # compiled into this extension; without the flag it silently runs every image block on one thread.
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -69,15 +71,14 @@ def _cpu_flags() -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def _kernel_threads():
-    """Run the kernel with ``$LLIP_CPU_THREADS`` intra-op threads (default 1), restoring torch's setting after.
-
-    Why 1: on the shared 2-core machines we measured (load 15+), the kernel at torch's 2 threads ran 6x slower
-    than at 1 (B/16, Bi = Bt = 256: forward 3.0 s vs 0.45 s), because every small ATen op / GEMM inside the tile
-    loop becomes a 2-thread fork-join that stalls whenever the other core is busy. On an idle machine set
-    LLIP_CPU_THREADS to the core count: image blocks are then spread over the threads (one parallel region).
+    """Run the kernel with ``$LLIP_CPU_THREADS`` intra-op threads (default: torch's current setting), restoring
+    torch's setting after. Image blocks are spread over the threads in one parallel region (the GEMMs inside it
+    run single-threaded), so the kernel scales with cores: B/16, Bi = Bt = 512, sigmoid loss forward+backward on
+    2 idle cores took 1.09 s on 2 threads and 1.92 s on 1. On a machine shared with other busy jobs, fewer
+    threads than cores can be faster (a fork-join waits for its slowest thread): set the variable then.
     """
     try:
-        want = max(1, int(os.environ.get(ENV_THREADS) or 1))
+        want = max(1, int(os.environ.get(ENV_THREADS) or torch.get_num_threads()))
     except ValueError as e:
         raise ValueError(f"${ENV_THREADS} must be a positive integer, got {os.environ[ENV_THREADS]!r}") from e
     have = torch.get_num_threads()
@@ -106,7 +107,7 @@ def extension():
     sources = _sources()
     if not sources:
         raise _build.ExtensionBuildError("cannot build the cpu backend: csrc/cpu/ not found next to llip_kernels")
-    return _build.load_extension(EXT_NAME, sources, extra_cflags=list(_cpu_flags()))
+    return _build.load_extension(EXT_NAME, sources, extra_cflags=list(_cpu_flags()), extra_ldflags=["-fopenmp"])
 
 
 def environment_reasons() -> list[str]:
@@ -159,20 +160,29 @@ def workspace_floats(Bi: int, Bt: int, H: int, K: int) -> int:
     return 4 * H * K * ti * tj + 4 * ti * tj
 
 
-def flops(op: str, Bi: int, Bt: int, H: int, K: int, d: int, backward: bool = False) -> float:
-    """FLOPs this backend performs for ``op`` (matmul-like work of form 3), forward or backward pass alone.
+FUSED_TRAINING_OPS = ("sigmoid_loss",)  # under autograd, one sweep computes the loss and its gradients
 
-    Pair work, forward: ``Bi*Bt*(4KD + 2(HK)^2)``; backward: the forward recomputed plus dK, dQ, dV, dU (8KD)
-    and dG (2(HK)^2) per pair. Plus the per-image Gram matrices (``2HKdD + 2(HK)^2 d``, twice that backward),
-    the per-text ``U_j`` (``2D^2``, twice backward) and ``M = W W^T`` (``2D^3``, twice backward).
-    Forward + backward is the sum of the two calls.
+
+def flops(op: str, Bi: int, Bt: int, H: int, K: int, d: int, backward: bool = False) -> float:
+    """FLOPs this backend performs for ``op`` (matmul-like work of form 3): the forward pass, or the backward
+    work alone when ``backward`` (a training step costs the sum).
+
+    Pair work, forward: ``Bi*Bt*(4KD + 2(HK)^2)``. Backward: dK, dQ, dV, dU (8KD) and dG (2(HK)^2) per pair,
+    plus the forward recomputed, except for the ops in ``FUSED_TRAINING_OPS``, whose gradients come out of the
+    forward sweep itself (that work then runs inside the forward call). Per-image Gram matrices
+    (``2HKdD + 2(HK)^2 d``), per-text ``U_j`` (``2D^2``) and ``M = W W^T`` (``2D^3``): their backward costs
+    twice their forward (plus the recomputation of the Gram matrices where the pair work is recomputed).
     """
     if op not in ("logits", "sigmoid_loss", "softmax_loss"):
         raise ValueError(f"unknown op {op!r}")
     D, HK = H * d, H * K
-    pair = form_flops(3, K, H, D) + ((8 * K * D + 2 * HK**2) if backward else 0)
+    pairs = float(Bi) * Bt
     side = Bi * (2 * HK * d * D + 2 * HK**2 * d) + Bt * 2 * D * D + 2 * D**3
-    return float(Bi) * Bt * pair + (2 if backward else 1) * side
+    fwd = pairs * form_flops(3, K, H, D) + side
+    if not backward:
+        return fwd
+    bwd = pairs * (8 * K * D + 2 * HK**2) + 2 * side
+    return bwd if op in FUSED_TRAINING_OPS else bwd + fwd
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,7 +222,7 @@ def cpu_cos_backward(
     tj: int,
 ) -> Grads5:
     zero = k.new_zeros(())
-    out = _pair_backward(_MODE_COS, dcos, k, v, q, u, m, zero, zero, zero, zero, tau, False, 0, ti, tj)
+    out = _pair_backward(_MODE_COS, dcos, k, v, q, u, m, zero, zero, zero, zero, tau, False, 0, ti, tj, False)
     return tuple(out[:5])
 
 
@@ -275,8 +285,9 @@ def cpu_sigmoid_loss_backward(
 ) -> Grads7:
     off = 0 if pos_offset is None else pos_offset
     zero = k.new_zeros(())
-    out = _pair_backward(_MODE_SIGMOID, grad, k, v, q, u, m, t, b, zero, zero, tau, pos_offset is not None, off, ti, tj)
-    return tuple(out)
+    has_pos = pos_offset is not None
+    out = _pair_backward(_MODE_SIGMOID, grad, k, v, q, u, m, t, b, zero, zero, tau, has_pos, off, ti, tj, False)
+    return tuple(out[:7])
 
 
 @cpu_sigmoid_loss_backward.register_fake
@@ -295,6 +306,49 @@ def _sig_bwd(ctx, grad):
 
 
 cpu_sigmoid_loss.register_autograd(_sig_bwd, setup_context=_sig_setup)
+
+
+@torch.library.custom_op(_ns + "cpu_sigmoid_loss_fused", mutates_args=())
+def cpu_sigmoid_loss_fused(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q: torch.Tensor,
+    u: torch.Tensor,
+    m: torch.Tensor,
+    t: torch.Tensor,
+    b: torch.Tensor,
+    tau: float,
+    pos_offset: int | None,
+    ti: int,
+    tj: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The sigmoid loss and its gradients for a cotangent of 1 in one sweep -> ``(loss, dk, dv, dq, du, dm, dt,
+    db)``. Training path: each pair's dLoss/dlogit depends on its own logit only, so the backward pass needs no
+    recomputation of the forward tiles (the forward's FLOPs are paid once instead of twice). The gradients are
+    O(Bi + Bt) tensors, the size of the inputs; autograd scales them by the real cotangent."""
+    off = 0 if pos_offset is None else pos_offset
+    one = k.new_ones(())
+    zero = k.new_zeros(())
+    has_pos = pos_offset is not None
+    out = _pair_backward(_MODE_SIGMOID, one, k, v, q, u, m, t, b, zero, zero, tau, has_pos, off, ti, tj, True)
+    return (out[7], *out[:7])
+
+
+@cpu_sigmoid_loss_fused.register_fake
+def _(k, v, q, u, m, t, b, tau, pos_offset, ti, tj):
+    return (k.new_empty(()), *(torch.empty_like(x) for x in (k, v, q, u, m)), t.new_empty(()), b.new_empty(()))
+
+
+def _fused_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[1:])
+
+
+def _fused_bwd(ctx, grad, *_grads_of_grads):
+    return (*(g * grad for g in ctx.saved_tensors), None, None, None, None)
+
+
+cpu_sigmoid_loss_fused.register_autograd(_fused_bwd, setup_context=_fused_setup)
 
 
 @torch.library.custom_op(_ns + "cpu_softmax_loss", mutates_args=())
@@ -336,7 +390,7 @@ def cpu_softmax_loss_backward(
     tj: int,
 ) -> Grads6:
     zero = k.new_zeros(())
-    out = _pair_backward(_MODE_SOFTMAX, grad, k, v, q, u, m, t, zero, lse_row, lse_col, tau, False, 0, ti, tj)
+    out = _pair_backward(_MODE_SOFTMAX, grad, k, v, q, u, m, t, zero, lse_row, lse_col, tau, False, 0, ti, tj, False)
     return tuple(out[:6])
 
 
@@ -381,7 +435,13 @@ def logits(k, v, q, y, w_out, t, b, *, tau: float) -> torch.Tensor:
 
 
 def sigmoid_loss(k, v, q, y, w_out, t, b, *, tau: float, pos_offset: int | None) -> torch.Tensor:
+    """Forward only when no gradient is wanted; otherwise the fused forward+backward sweep (see
+    :func:`cpu_sigmoid_loss_fused`): a loss computed under autograd but never backpropagated then costs one
+    backward pass more than needed, the trade Liger-style fused losses make too."""
     kf, vf, qf, u, m, ti, tj = _prepare(k, v, q, y, w_out)
+    wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (kf, vf, qf, u, m, t, b))
+    if wants_grad:
+        return cpu_sigmoid_loss_fused(kf, vf, qf, u, m, t, b, tau, pos_offset, ti, tj)[0]
     return cpu_sigmoid_loss(kf, vf, qf, u, m, t, b, tau, pos_offset, ti, tj)
 
 

@@ -103,6 +103,34 @@ def test_two_threads(op, small_tiles, monkeypatch):
         assert torch.equal(g, second.grads[name]), f"d{name} differs between two identical calls"
 
 
+@pytest.mark.parametrize("pos_offset", [1, None])
+def test_fused_sigmoid_sweep_matches_forward_then_backward(pos_offset, small_tiles):
+    """The training path (loss and gradients in one sweep, scaled by the cotangent afterwards) against the
+    forward-only op followed by its own recomputing backward op, for a cotangent that is not 1."""
+    x = make_llip_inputs(10, 19, 2, 6, 48, kind="large_scale", seed=17)
+    leaves = list(cpu_ext._prepare(x.k, x.v, x.q, x.y, x.w_out))
+    k, v, q, u, m = (a.detach().requires_grad_() for a in leaves[:5])
+    t, b = x.t.detach().requires_grad_(), x.b.detach().requires_grad_()
+    args = (k, v, q, u, m, t, b, x.tau, pos_offset, 3, 8)
+    cotangent = torch.tensor(0.37)
+    fused = torch.ops.llip_kernels.cpu_sigmoid_loss_fused(*args)[0]
+    fused_grads = torch.autograd.grad(fused, (k, v, q, u, m, t, b), cotangent)
+    plain = torch.ops.llip_kernels.cpu_sigmoid_loss(*args)
+    plain_grads = torch.autograd.grad(plain, (k, v, q, u, m, t, b), cotangent)
+    assert torch.equal(fused, plain), "the sweep's loss must be the forward's, bit for bit"
+    for name, a, e in zip(["k", "v", "q", "u", "m", "t", "b"], fused_grads, plain_grads):
+        # Same algebra; only where the cotangent multiplies in (per pair in double, or once at the end) differs.
+        scale = float(e.abs().max())
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * scale, msg=lambda s, n=name: f"d{n}: {s}")
+    with torch.no_grad():  # no gradient wanted: the public function takes the forward-only op
+        torch.testing.assert_close(
+            lk.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau, backend="cpu", pos_offset=0),
+            lk.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau, backend="reference", pos_offset=0),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_no_large_allocations(op):
     # H*K = 3 and D = 8 keep every O(Bi) / O(Bt) tensor (k, v: [64, 1, 3, 8])
@@ -135,6 +163,7 @@ def test_opcheck():
     torch.library.opcheck(ops.cpu_cos, (k, v, q, u, m, 2.0, 2, 4))
     torch.library.opcheck(ops.cpu_sigmoid_loss, (k, v, q, u, m, t, b, 2.0, 1, 2, 4))
     torch.library.opcheck(ops.cpu_sigmoid_loss, (k, v, q, u, m, t, b, 2.0, None, 2, 4))
+    torch.library.opcheck(ops.cpu_sigmoid_loss_fused, (k, v, q, u, m, t, b, 2.0, 1, 2, 4))
     x = make_llip_inputs(5, 5, 2, 3, 8, seed=2)
     k, v, q, u, m, _, _ = (
         a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a

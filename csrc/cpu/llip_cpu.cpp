@@ -254,6 +254,9 @@ template <typename Before, typename Fn, typename After>
 void for_each_tile(const Inputs& in, std::vector<Scratch>& scr, Before&& before_block, Fn&& fn, After&& after_block) {
   const int64_t nblk = (in.Bi + in.Ti - 1) / in.Ti;
   auto body = [&](int64_t b0, int64_t b1) {
+    // OpenMP workers do not inherit the caller's dispatch state: without this, ATen calls on worker threads go
+    // through autograd (and refuse out= arguments when an input requires grad).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const SerialBlasGuard serial_blas;
     const int tid = at::get_thread_num();
     Scratch& sc = scr[tid];
@@ -362,12 +365,18 @@ std::vector<at::Tensor> pair_forward(int64_t mode, const at::Tensor& k, const at
 }
 
 // Backward (SPEC section 7). `grad` is dcos [Bi, Bt] for mode 0 and the loss's 0-dim cotangent otherwise.
-// Returns {dk, dv, dq, du, dm, dt, db}; dt and db are zero for mode 0 (the caller applies t and b itself).
+// Returns {dk, dv, dq, du, dm, dt, db, loss}; dt and db are zero for mode 0 (the caller applies t and b itself).
+//
+// with_loss (sigmoid mode only): also sum the loss in the same sweep and return it as `loss` (else 0). Each
+// pair's dLoss/dlogit depends on that pair's logit alone, so forward and backward can share one pass over the
+// tiles instead of recomputing them: the fused training path (cpu_ext.cpu_sigmoid_loss_fused) calls this with
+// grad = 1 and scales the gradients by the real cotangent later.
 std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& q, const at::Tensor& u, const at::Tensor& m,
                                       const at::Tensor& t_scale, const at::Tensor& b_bias, const at::Tensor& lse_row,
                                       const at::Tensor& lse_col, double tau, bool has_pos, int64_t pos_offset,
-                                      int64_t Ti, int64_t Tj) {
+                                      int64_t Ti, int64_t Tj, bool with_loss) {
+  TORCH_CHECK(!with_loss || mode == kSigmoid, "llip cpu kernel: with_loss needs the sigmoid loss");
   Inputs in = make_inputs(k, v, q, u, m, tau, Ti, Tj);
   const int64_t Bi = in.Bi, Bt = in.Bt, H = in.H, K = in.K, d = in.d;
   const double tv = t_scale.item<float>(), bv = b_bias.item<float>();
@@ -393,7 +402,7 @@ std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, cons
     dqh[th] = at::zeros({H, Bt, d}, f32), duh[th] = at::zeros({H, Bt, d}, f32);
     dm[th] = at::zeros({H, d, H, d}, f32);
   }
-  std::vector<double> row_dt(Bi, 0.0), row_db(Bi, 0.0);
+  std::vector<double> row_dt(Bi, 0.0), row_db(Bi, 0.0), row_loss(with_loss ? Bi : 0, 0.0);
   const float inv_tau = 1.0f / in.tau;
   auto before = [&](int64_t i0, int64_t ti, Scratch& sc, int) {
     gram_block(in, i0, ti, sc);
@@ -415,7 +424,7 @@ std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, cons
     // Per pair: dLoss/dlogit (recomputed from the saved statistics), then the cotangents of dot and n2.
     for (int64_t i = 0; i < ti; ++i) {
       const int64_t gi = t.i0 + i;
-      double st = 0.0, sb = 0.0;
+      double st = 0.0, sb = 0.0, sl = 0.0;
       for (int64_t j = 0; j < tj; ++j) {
         const int64_t gj = t.j0 + j, p = i * tj + j;
         const float raw = std::sqrt(std::max(n2p[p], 0.0f)), nrm = std::max(raw, kEps);
@@ -425,7 +434,9 @@ std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, cons
           dc = dcp[gi * Bt + gj];
         } else if (mode == kSigmoid) {
           const double l = (has_pos && gj == gi + pos_offset) ? 1.0 : -1.0;
-          const double gl = -l * sigmoid(-l * (tv * cosv + bv)) * go / double(Bi);
+          const double logit = tv * cosv + bv;
+          if (with_loss) sl += softplus(-l * logit);
+          const double gl = -l * sigmoid(-l * logit) * go / double(Bi);
           st += gl * cosv, sb += gl;
           dc = static_cast<float>(gl * tv);
         } else {
@@ -440,6 +451,7 @@ std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, cons
         dnp[p] = raw > kEps ? -dc * dotp[p] / (2.0f * nrm * nrm * nrm) : 0.0f;
       }
       row_dt[gi] += st, row_db[gi] += sb;
+      if (with_loss) row_loss[gi] += sl;
     }
     // Per (image, head, text): da = ddot c + 2 dn2 (G a); ds = a (da - sum_k a da) / tau. In place:
     // S <- ds, C <- ddot * a (the cotangent of c), P <- dn2 * a (so that dG_i += P_i A_i^T).
@@ -492,11 +504,12 @@ std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, cons
   }
   auto unhead3 = [&](const at::Tensor& x) { return x.permute({1, 0, 2}).contiguous(); };
   return {dk, dv, unhead3(dqh[0]), unhead3(duh[0]), dm[0].view({in.D, in.D}),
-          at::scalar_tensor(ordered_sum(row_dt), f32), at::scalar_tensor(ordered_sum(row_db), f32)};
+          at::scalar_tensor(ordered_sum(row_dt), f32), at::scalar_tensor(ordered_sum(row_db), f32),
+          at::scalar_tensor(with_loss ? ordered_sum(row_loss) / double(Bi) : 0.0, f32)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "Fused Llip (form 3) scores and losses on the CPU; see llip_kernels/cpu_ext.py";
   mod.def("pair_forward", &pair_forward, "tiled forward: cos, sigmoid loss or softmax loss (+ log-sum-exps)");
-  mod.def("pair_backward", &pair_backward, "tiled backward: dk, dv, dq, du, dm, dt, db");
+  mod.def("pair_backward", &pair_backward, "tiled backward: dk, dv, dq, du, dm, dt, db (+ the sigmoid loss)");
 }

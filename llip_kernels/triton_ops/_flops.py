@@ -41,18 +41,18 @@ def flops(
     deterministic: bool = False,
     block_k: int = 32,
 ) -> float:
-    """Total FLOPs the triton backend performs for ``op`` (``logits``, ``sigmoid_loss``, ``softmax_loss``):
-    forward only, or forward + backward when ``backward``. Counts the pair work and the precomputations.
+    """FLOPs the triton backend performs for ``op`` (``logits``, ``sigmoid_loss``, ``softmax_loss``): the forward
+    pass, or the backward pass alone when ``backward`` (the convention of every backend's ``flops``; a training
+    step costs the sum). Counts the pair work and the precomputations.
     ``block_k``: the backward's token tile (``_ops.MAX_BLOCK_K_BWD``); K beyond it costs a recomputation."""
     if op not in ("logits", "sigmoid_loss", "softmax_loss"):
         raise ValueError(f"op must be logits, sigmoid_loss or softmax_loss, got {op!r}")
     D = H * d
     HK = H * K
-    passes = 2 if op == "softmax_loss" else 1
-    total = passes * Bi * Bt * pair_flops(H, K, d, backward=False)
     pre = Bi * (2 * K * D * D + 2 * HK * HK * D) + Bt * 2 * D * D
-    total += pre
     if backward:
-        total += Bi * Bt * (pair_flops(H, K, d, backward=True, deterministic=deterministic, multi_k_tile=block_k < K))
-        total += 2 * pre
-    return float(total)
+        multi = block_k < K
+        pair = pair_flops(H, K, d, backward=True, deterministic=deterministic, multi_k_tile=multi)
+        return float(Bi * Bt * pair + 2 * pre)
+    passes = 2 if op == "softmax_loss" else 1
+    return float(passes * Bi * Bt * pair_flops(H, K, d, backward=False) + pre)
