@@ -38,16 +38,18 @@ PAPER = ["B/32", "B/16", "L/14", "H/14", "G/14"]
 NO_COMPILE = [p for p in ALL_PROVIDERS if p != "reference_compile"]
 PRESETS: dict[str, list[dict]] = {
     "quick": [dict(configs=["tiny"], batch=[(16, 16)], ops=list(OPS), modes=list(MODES), providers=ALL_PROVIDERS)],
+    # Bi = Bt = 256: the smallest batch where the per-image / per-text work of the fused backends stops
+    # mattering on 2 cores (bench.scaling shows the per-pair cost flattening there), still seconds per row.
     "cpu": [
-        dict(configs=["B/16"], batch=[(128, 128)], ops=["sigmoid_loss"], modes=list(MODES), providers=ALL_PROVIDERS),
+        dict(configs=["B/16"], batch=[(256, 256)], ops=["sigmoid_loss"], modes=list(MODES), providers=ALL_PROVIDERS),
         dict(
             configs=["B/16"],
-            batch=[(128, 128)],
+            batch=[(256, 256)],
             ops=["logits", "softmax_loss", *POOLED_OPS],
             modes=list(MODES),
             providers=NO_COMPILE,
         ),
-        dict(configs=PAPER, batch=[(64, 64)], ops=["sigmoid_loss"], modes=["fwd+bwd"], providers=NO_COMPILE),
+        dict(configs=PAPER, batch=[(128, 128)], ops=["sigmoid_loss"], modes=["fwd+bwd"], providers=NO_COMPILE),
     ],
     "gpu": [
         dict(configs=["B/16"], batch=[(4096, 4096)], ops=list(OPS), modes=list(MODES), providers=ALL_PROVIDERS),

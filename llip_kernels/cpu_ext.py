@@ -147,6 +147,38 @@ def not_supported_reasons(op: str, problem: LlipProblem) -> list[str]:
     return [failure] if failure else []
 
 
+# Automatic dispatch passes this backend over for the ``torch`` backend when the latter picks another algebraic
+# form (1 or 2) for the shape and this backend's FLOPs (form 3, with its per-image Gram matrices) reach this
+# fraction of the torch backend's. Measured on 2 idle cores (bench/results/NOTES.md): where the forms differ, the
+# time ratio cpu / torch tracks the FLOP ratio (a little worse for cpu at small batches), and 0.85 picks the
+# faster backend in 18 of the 20 cases measured (5 paper configs x Bi = Bt in {128, 256} x {forward,
+# forward+backward}), losing at most 10% in the other two. Where both use form 3 the fused kernel wins by 2-10x
+# whatever the FLOPs say (llip-tiny: 4-10x; B/16 at Bi = Bt = 1024: 2.6x), so no FLOP rule applies there.
+AUTO_MAX_FLOP_RATIO = 0.85
+
+
+def auto_skip_reasons(op: str, problem: LlipProblem) -> list[str]:
+    """Why automatic dispatch should prefer the ``torch`` backend for this call (empty: run here).
+
+    Form 3's per-image Gram matrices (``2HKdD + 2(HK)^2 d`` per image) only pay off when each image meets many
+    texts, and its ``2(HK)^2`` per pair loses to forms 1 / 2 at K = 64 with D <= 768; the torch backend picks the
+    cheapest form per shape."""
+    from . import torch_chunked
+
+    dims = (problem.Bi, problem.Bt, problem.H, problem.K, problem.d)
+    form = torch_chunked.choose_form(op, problem.H, problem.K, problem.d, problem.Bi, problem.Bt)
+    if form == 3:
+        return []
+    ours = flops(op, *dims) + (flops(op, *dims, backward=True) if problem.requires_grad else 0.0)
+    theirs = torch_chunked.flops(op, *dims) + (torch_chunked.flops(op, *dims, True) if problem.requires_grad else 0.0)
+    if theirs <= 0 or ours < AUTO_MAX_FLOP_RATIO * theirs:
+        return []
+    return [
+        f"the torch backend is predicted faster here: {ours:.3g} FLOPs in form 3 vs {theirs:.3g} in its form {form} "
+        f"(automatic choice keeps cpu below {AUTO_MAX_FLOP_RATIO:.2f}x; backend='cpu' still runs it)"
+    ]
+
+
 def tile_sizes(Bi: int, Bt: int, H: int, K: int) -> tuple[int, int]:
     """Images and texts per tile: scratch is 4 buffers of H*K*Ti*Tj floats, never Bi*Bt*K for large batches."""
     tj = max(1, min(Bt, TILE_TEXTS))

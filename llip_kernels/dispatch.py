@@ -13,8 +13,11 @@ with ``t``/``b`` 0-dim float32 tensors on the inputs' device and every input alr
 ``import llip_kernels`` works without a GPU, Triton or a compiler; a backend whose module cannot be
 imported reports why as its reason.
 
-Automatic choice takes the first backend, in the order for the inputs' device, that gives no reason.
-The CPU order (``cpu`` before ``torch``) was decided by measurement: see ``bench/``.
+Automatic choice takes the first backend, in the order for the inputs' device, that gives no reason. A backend
+may also expose ``auto_skip_reasons(op, problem) -> list[str]``: reasons to pass it over in the automatic choice
+only (an explicit request still runs it), e.g. a shape where the next backend is predicted to be faster.
+The CPU order (``cpu`` before ``torch``, and the cpu backend's skip rule) was decided by measurement: see
+``llip_kernels.cpu_ext.auto_skip_reasons`` and ``bench/results/NOTES.md``.
 """
 
 from __future__ import annotations
@@ -103,8 +106,11 @@ def select_backend(problem: LlipProblem, backend: str | None) -> ModuleType:
         return load_backend(requested)
     order = AUTO_ORDER.get(problem.device.type, DEFAULT_ORDER)
     collected = []
-    for name in order:
+    for i, name in enumerate(order):
         why = reasons_for(name, problem)
+        if not why and i + 1 < len(order):  # the last candidate is never skipped for speed
+            skip = getattr(load_backend(name), "auto_skip_reasons", None)
+            why = list(skip(problem.op, problem)) if skip is not None else []
         if not why:
             return load_backend(name)
         collected.append(f"{name}: " + "; ".join(why))

@@ -226,3 +226,24 @@ def test_missing_compiler_gives_reason_and_falls_back(monkeypatch, tmp_path):
     loss = lk.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau)
     ref = lk.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau, backend="reference")
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+
+
+def _problem(Bi, H, K, d, requires_grad):
+    return LlipProblem("sigmoid_loss", Bi, Bi, H, K, d, torch.float32, torch.device("cpu"), 5.0, requires_grad)
+
+
+@pytest.mark.parametrize(
+    ("shape", "grad", "expected"),
+    [
+        ((128, 8, 64, 64), True, "torch"),  # B/32 head, small batch: form 1 beats form 3 (measured 1.6x)
+        ((128, 8, 32, 64), False, "torch"),  # B/16 forward at 128: form 2 (measured 1.16x)
+        ((128, 8, 32, 64), True, "cpu"),  # ... but the fused training sweep wins (measured 1.6x)
+        ((256, 8, 64, 160), True, "cpu"),  # G/14 head (measured 1.9x)
+        ((128, 4, 8, 32), False, "cpu"),  # llip-tiny: both in form 3, the fused kernel wins (measured 3.6x)
+    ],
+)
+def test_automatic_choice_follows_the_measured_rule(shape, grad, expected):
+    chosen = dispatch.select_backend(_problem(*shape, grad), None)
+    assert chosen is dispatch.load_backend(expected)
+    # An explicit request is never overridden by the speed rule.
+    assert dispatch.select_backend(_problem(*shape, grad), "cpu") is cpu_ext

@@ -1,0 +1,22 @@
+"""Ships ``csrc/`` inside the wheel as ``llip_kernels/csrc`` so that an installed (non-editable) copy can still
+build the cpu / cuda extensions on first use (``llip_kernels._build.source_dir`` looks there after the checkout).
+Everything else about the package lives in pyproject.toml."""
+
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+class BuildPyWithKernelSources(build_py):
+    def run(self):
+        super().run()
+        if self.editable_mode:  # an editable install reads csrc/ from the checkout itself
+            return
+        shutil.copytree(ROOT / "csrc", Path(self.build_lib) / "llip_kernels" / "csrc", dirs_exist_ok=True)
+
+
+setup(cmdclass={"build_py": BuildPyWithKernelSources})
