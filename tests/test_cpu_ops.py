@@ -4,6 +4,8 @@ Every check goes through ``check_op_against_reference`` (SPEC section 6: output 
 2x the same-dtype torch error + a floor). The first test to run builds the extension (about 10-60 s).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -247,3 +249,15 @@ def test_automatic_choice_follows_the_measured_rule(shape, grad, expected):
     assert chosen is dispatch.load_backend(expected)
     # An explicit request is never overridden by the speed rule.
     assert dispatch.select_backend(_problem(*shape, grad), "cpu") is cpu_ext
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores")
+def test_kernel_really_runs_on_several_threads():
+    # The extension was once built without -fopenmp: at::parallel_for then ran every image block on one thread
+    # whatever the thread count (2x slower on 2 cores, and nothing failed). Count the threads a region gets.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cpu_ext.extension().parallel_width(64) == 2
+    finally:
+        torch.set_num_threads(previous)

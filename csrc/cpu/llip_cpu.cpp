@@ -508,8 +508,19 @@ std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, cons
           at::scalar_tensor(with_loss ? ordered_sum(row_loss) / double(Bi) : 0.0, f32)};
 }
 
+// How many threads one of our parallel regions really runs on, for n work items. A regression check: built
+// without -fopenmp, at::parallel_for (a header template) compiles to a serial loop and this returns 1.
+int64_t parallel_width(int64_t n) {
+  std::vector<int64_t> seen(std::max<int64_t>(n, 1), 0);
+  at::parallel_for(0, n, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) seen[b] = at::get_thread_num();
+  });
+  return *std::max_element(seen.begin(), seen.end()) + 1;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "Fused Llip (form 3) scores and losses on the CPU; see llip_kernels/cpu_ext.py";
   mod.def("pair_forward", &pair_forward, "tiled forward: cos, sigmoid loss or softmax loss (+ log-sum-exps)");
   mod.def("pair_backward", &pair_backward, "tiled backward: dk, dv, dq, du, dm, dt, db (+ the sigmoid loss)");
+  mod.def("parallel_width", &parallel_width, "threads a parallel region of n items runs on (a build check)");
 }
