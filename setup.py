@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parent
 class BuildPyWithKernelSources(build_py):
     def run(self):
         super().run()
-        if self.editable_mode:  # an editable install reads csrc/ from the checkout itself
+        if getattr(self, "editable_mode", False):  # an editable install reads csrc/ from the checkout itself
             return
-        shutil.copytree(ROOT / "csrc", Path(self.build_lib) / "llip_kernels" / "csrc", dirs_exist_ok=True)
+        junk = shutil.ignore_patterns("*.so", "*.o", "*.cubin", "__pycache__")  # build leftovers are not sources
+        target = Path(self.build_lib) / "llip_kernels" / "csrc"
+        shutil.copytree(ROOT / "csrc", target, dirs_exist_ok=True, ignore=junk)
 
 
 setup(cmdclass={"build_py": BuildPyWithKernelSources})

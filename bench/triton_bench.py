@@ -102,7 +102,8 @@ def bench_one(name, Bi, Bt, dtype, peak, baseline_block, with_baseline):
     loss = step().item()
     sec = _time(step)
     peak_mem = torch.cuda.max_memory_allocated() - base_mem
-    fl = triton_ops.flops("sigmoid_loss", Bi, Bt, H, K, d, backward=True)
+    fwd_bwd = [triton_ops.flops("sigmoid_loss", Bi, Bt, H, K, d, backward=bw) for bw in (False, True)]
+    fl = sum(fwd_bwd)  # forward + the backward pass alone (every backend's flops() convention)
     eff = 3 * Bi * Bt * testing.form_flops(1, K, H, H * d)
     row = dict(
         config=name,

@@ -57,7 +57,8 @@ def _cpu_flags() -> tuple[str, ...]:
     """-O3, vectorisation of our ``omp simd`` loops, and AVX2/FMA only when this CPU has them (checked at run
     time, and part of the build hash, so a cache shared with an older CPU never hands it an AVX2 binary)."""
     # -fopenmp, not just -fopenmp-simd: at::parallel_for is a header template whose `omp parallel` pragma is
-    # compiled into this extension; without the flag it silently runs every image block on one thread.
+    # compiled into this extension; without the flag it silently runs every image block on one thread
+    # (tests/test_cpu_ops.py::test_kernel_really_runs_on_several_threads).
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -74,7 +75,7 @@ def _kernel_threads():
     """Run the kernel with ``$LLIP_CPU_THREADS`` intra-op threads (default: torch's current setting), restoring
     torch's setting after. Image blocks are spread over the threads in one parallel region (the GEMMs inside it
     run single-threaded), so the kernel scales with cores: B/16, Bi = Bt = 512, sigmoid loss forward+backward on
-    2 idle cores took 1.09 s on 2 threads and 1.92 s on 1. On a machine shared with other busy jobs, fewer
+    2 idle cores took 0.81 s on 2 threads and 1.47 s on 1. On a machine shared with other busy jobs, fewer
     threads than cores can be faster (a fork-join waits for its slowest thread): set the variable then.
     """
     try:
@@ -107,7 +108,9 @@ def extension():
     sources = _sources()
     if not sources:
         raise _build.ExtensionBuildError("cannot build the cpu backend: csrc/cpu/ not found next to llip_kernels")
-    return _build.load_extension(EXT_NAME, sources, extra_cflags=list(_cpu_flags()), extra_ldflags=["-fopenmp"])
+    # No -fopenmp when linking: the OpenMP calls then resolve to the runtime torch itself loaded (some torch
+    # wheels ship libgomp under a hashed name), never to a second copy with its own thread pool.
+    return _build.load_extension(EXT_NAME, sources, extra_cflags=list(_cpu_flags()))
 
 
 def environment_reasons() -> list[str]:
@@ -153,7 +156,8 @@ def not_supported_reasons(op: str, problem: LlipProblem) -> list[str]:
 # time ratio cpu / torch tracks the FLOP ratio (a little worse for cpu at small batches), and 0.85 picks the
 # faster backend in 18 of the 20 cases measured (5 paper configs x Bi = Bt in {128, 256} x {forward,
 # forward+backward}), losing at most 10% in the other two. Where both use form 3 the fused kernel wins by 2-10x
-# whatever the FLOPs say (llip-tiny: 4-10x; B/16 at Bi = Bt = 1024: 2.6x), so no FLOP rule applies there.
+# whatever the FLOPs say (the llip-tiny head, K 8 H 4 D 128: 4.7-8.5x; B/16 at Bi = Bt = 1024: 2.6x), so no
+# FLOP rule applies there.
 AUTO_MAX_FLOP_RATIO = 0.85
 
 
@@ -169,8 +173,9 @@ def auto_skip_reasons(op: str, problem: LlipProblem) -> list[str]:
     form = torch_chunked.choose_form(op, problem.H, problem.K, problem.d, problem.Bi, problem.Bt)
     if form == 3:
         return []
-    ours = flops(op, *dims) + (flops(op, *dims, backward=True) if problem.requires_grad else 0.0)
-    theirs = torch_chunked.flops(op, *dims) + (torch_chunked.flops(op, *dims, True) if problem.requires_grad else 0.0)
+    training = problem.requires_grad and torch.is_grad_enabled()
+    ours = flops(op, *dims) + (flops(op, *dims, backward=True) if training else 0.0)
+    theirs = torch_chunked.flops(op, *dims) + (torch_chunked.flops(op, *dims, True) if training else 0.0)
     if theirs <= 0 or ours < AUTO_MAX_FLOP_RATIO * theirs:
         return []
     return [
@@ -377,6 +382,11 @@ def _fused_setup(ctx, inputs, output):
 
 
 def _fused_bwd(ctx, grad, *_grads_of_grads):
+    if torch.is_grad_enabled():  # create_graph=True: the saved gradients are constants, so refuse, not lie
+        raise RuntimeError(
+            "llip cpu backend: the fused sigmoid loss has no second derivative (backward(create_graph=True), "
+            "gradient penalties); use backend='torch' or 'reference' for higher-order gradients"
+        )
     return (*(g * grad for g in ctx.saved_tensors), None, None, None, None)
 
 

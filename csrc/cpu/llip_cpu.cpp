@@ -259,6 +259,9 @@ void for_each_tile(const Inputs& in, std::vector<Scratch>& scr, Before&& before_
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const SerialBlasGuard serial_blas;
     const int tid = at::get_thread_num();
+    // One scratch per thread that can get work; a second OpenMP runtime in the process would break this.
+    TORCH_CHECK(tid >= 0 && tid < static_cast<int>(scr.size()), "llip cpu kernel: thread id ", tid,
+                " outside the ", scr.size(), " scratch buffers (two OpenMP runtimes loaded?)");
     Scratch& sc = scr[tid];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * in.Ti, ti = std::min(in.Ti, in.Bi - i0);
@@ -272,6 +275,14 @@ void for_each_tile(const Inputs& in, std::vector<Scratch>& scr, Before&& before_
     }
   };
   at::parallel_for(0, nblk, 1, body);
+}
+
+// Threads that can get work in for_each_tile: at::parallel_for with grain 1 hands out at most one range of
+// image blocks per thread, and never more ranges than blocks. Per-thread buffers are sized by this, so a call
+// with few images on a many-core machine does not allocate one set per idle core.
+int working_threads(const Inputs& in) {
+  const int64_t nblk = (in.Bi + in.Ti - 1) / in.Ti;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblk)));
 }
 
 double ordered_sum(const std::vector<double>& x) {
@@ -293,7 +304,7 @@ std::vector<at::Tensor> pair_forward(int64_t mode, const at::Tensor& k, const at
   TORCH_CHECK(mode != kSoftmax || in.Bi == in.Bt, "llip cpu kernel: the softmax loss needs Bi == Bt");
   const double tv = t_scale.item<float>(), bv = b_bias.item<float>();
   const int64_t Bi = in.Bi, Bt = in.Bt;
-  const int nth = at::get_num_threads();
+  const int nth = working_threads(in);
   auto scr = make_scratch(in, nth, false);
   auto f32 = k.options();
   at::Tensor cos_out = mode == kCos ? at::empty({Bi, Bt}, f32) : at::Tensor();
@@ -392,7 +403,7 @@ std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, cons
   }
   const float* lrow = mode == kSoftmax ? lse_row.data_ptr<float>() : nullptr;
   const float* lcol = mode == kSoftmax ? lse_col.data_ptr<float>() : nullptr;
-  const int nth = at::get_num_threads();
+  const int nth = working_threads(in);
   auto scr = make_scratch(in, nth, true);
   auto f32 = k.options();
   at::Tensor dk = at::empty({Bi, H, K, d}, f32), dv = at::empty({Bi, H, K, d}, f32);
