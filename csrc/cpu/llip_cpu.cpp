@@ -76,7 +76,8 @@ struct Scratch {
   at::Tensor dot, n2;         // [Ti * Tj]
   at::Tensor ddot, dn2;       // [Ti * Tj] (backward)
   at::Tensor G, dG;           // [Ti, HK, HK]
-  at::Tensor T;               // [Ti, H, K, H, d]: V_i[h,k] M_h, shared by G and its backward
+  at::Tensor T;               // [Ti, HK, D]: rows V_i[h,k] M_h (M's rows of head h), shared by G and its backward
+  at::Tensor gs, Y, Ybuf;     // backward of G: [HK, HK], [D, HK] per image, [H, D, Ti*K] per block
   at::Tensor kbuf, vbuf;      // the block's keys / values, head-major [H, ti*K, d] (one row range per head)
   at::Tensor dkbuf, dvbuf;    // their gradients, accumulated over the text tiles of the block
   at::Tensor kb, vb, dkb, dvb;  // views of the above for the current block
@@ -133,6 +134,11 @@ std::vector<Scratch> make_scratch(const Inputs& in, int64_t n, bool backward) {
       s.dG = at::empty({in.Ti, in.HK, in.HK}, opts);
     }
     s.G = at::empty({in.Ti, in.HK, in.HK}, opts);
+    s.T = at::empty({in.Ti, in.HK, in.D}, opts);
+    if (backward) {
+      s.gs = at::empty({in.HK, in.HK}, opts), s.Y = at::empty({in.D, in.HK}, opts);
+      s.Ybuf = at::empty({in.H, in.D, in.Ti * in.K}, opts);
+    }
     s.kbuf = at::empty({in.Ti * in.HK * in.d}, opts), s.vbuf = at::empty({in.Ti * in.HK * in.d}, opts);
     if (backward) s.dkbuf = at::empty({in.Ti * in.HK * in.d}, opts), s.dvbuf = at::empty({in.Ti * in.HK * in.d}, opts);
     s.mx.resize(in.Tj), s.sm.resize(in.Tj);
@@ -148,29 +154,51 @@ at::Tensor image_view(const at::Tensor& buf, const Inputs& in, const Tile& t) {
 }
 
 // G_i for the images [i0, i0 + ti): G_i[(h,k),(g,m)] = V_i[h,k] M_hg V_i[g,m]^T with M = W_out W_out^T, i.e.
-// T = V M per head (2 HK d D per image) then T against V (2 (HK)^2 d), cheaper than forming V' (2 (HK)^2 D).
+// T_i = V_i M per head (rows (h,k): V_i[h,k] M_h, 2 HK d D per image), then T_i against V_i (2 (HK)^2 d), cheaper
+// than forming V' (2 (HK)^2 D). Per image, two batched GEMMs over heads that read and write the buffers in place
+// (strided operands, no permute copies). G is symmetric, so it is filled by row blocks:
+// G_i[(g,m), :] = V_i[g,m] . T_i[:, g-th d-block]^T.
 void gram_block(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc) {
-  at::Tensor vc = in.v.narrow(0, i0, ti);
+  const int64_t H = in.H, K = in.K, d = in.d, D = in.D, HK = in.HK;
   auto head_major = [&](const at::Tensor& buf, const at::Tensor& src) {
-    at::Tensor view = buf.narrow(0, 0, ti * in.HK * in.d).view({in.H, ti, in.K, in.d});
+    at::Tensor view = buf.narrow(0, 0, ti * HK * d).view({H, ti, K, d});
     view.copy_(src.narrow(0, i0, ti).permute({1, 0, 2, 3}));
-    return view.view({in.H, ti * in.K, in.d});
+    return view.view({H, ti * K, d});
   };
   sc.kb = head_major(sc.kbuf, in.k);
   sc.vb = head_major(sc.vbuf, in.v);
-  sc.T = at::einsum("ihkc,hce->ihke", {vc, in.mh}).view({ti, in.H, in.K, in.H, in.d});
-  sc.G.narrow(0, 0, ti).view({ti, in.H, in.K, in.H, in.K}).copy_(at::einsum("ihkgc,igmc->ihkgm", {sc.T, vc}));
+  for (int64_t i = 0; i < ti; ++i) {
+    at::Tensor vi = in.v[i0 + i];                                   // [H, K, d]
+    at::Tensor Ti = sc.T[i];                                         // [HK, D]
+    at::Tensor Ti_heads = Ti.view({H, K, D});
+    at::bmm_out(Ti_heads, vi, in.mh);                                // V_i[h] M_h
+    at::Tensor Ti_blocks = Ti.view({HK, H, d}).permute({1, 2, 0});  // [H(g), d, HK]: T_i[:, g-block]^T
+    at::Tensor Gi_rows = sc.G[i].view({H, K, HK});
+    at::bmm_out(Gi_rows, vi, Ti_blocks);
+  }
 }
 
-// Pull dG of the block back to dV (both factors of G; M is symmetric) and to dM (accumulated per thread).
+// Pull dG of the block back to dV (both factors of G; M is symmetric) and to dM (accumulated per thread):
+//   dV_i[h] += (dG_i + dG_i^T)[h rows] T_i[:, h-block],        dM[:, g-block] += sum_i Y_i[:, g cols] V_i[g]
+// with Y_i = blockdiag(V_i)^T dG_i ([D, HK], per head h: V_i[h]^T dG_i[h rows]). The Y_i of the block are
+// gathered per g so that dM takes one GEMM per head over all ti*K rows (the head-major values vb[g]).
 void gram_block_backward(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc, at::Tensor& dv, at::Tensor& dm) {
-  at::Tensor vc = in.v.narrow(0, i0, ti);
-  at::Tensor gc = sc.dG.narrow(0, 0, ti).view({ti, in.H, in.K, in.H, in.K});
-  at::Tensor gs = gc + gc.permute({0, 3, 4, 1, 2});
-  at::Tensor dvb = at::einsum("ihkgm,igmhc->ihkc", {gs, sc.T});  // [ti, H, K, d]
-  dv.narrow(0, i0, ti).add_(dvb);
-  at::Tensor Z = at::einsum("ihkgm,igmy->ihkgy", {gc, vc});  // [ti, H, K, H, d]
-  dm.add_(at::einsum("ihkx,ihkgy->hxgy", {vc, Z}));
+  const int64_t H = in.H, K = in.K, d = in.d, D = in.D, HK = in.HK;
+  at::Tensor ybuf = sc.Ybuf.narrow(2, 0, ti * K).view({H, D, ti, K});
+  for (int64_t i = 0; i < ti; ++i) {
+    at::Tensor vi = in.v[i0 + i];  // [H, K, d]
+    at::Tensor dGi = sc.dG[i];     // [HK, HK]
+    at::add_out(sc.gs, dGi, dGi.t());
+    at::Tensor Ti_blocks = sc.T[i].view({HK, H, d}).permute({1, 0, 2});  // [H(h), HK, d]: T_i[:, h-block]
+    dv[i0 + i].baddbmm_(sc.gs.view({H, K, HK}), Ti_blocks);
+    at::Tensor Y_heads = sc.Y.view({H, d, HK});
+    at::bmm_out(Y_heads, vi.transpose(1, 2), dGi.view({H, K, HK}));
+    ybuf.select(2, i).copy_(sc.Y.view({D, H, K}).permute({1, 0, 2}));  // [H(g), D, K]
+  }
+  at::Tensor dm_blocks = dm.view({D, H, d});
+  for (int64_t g = 0; g < H; ++g) {
+    dm_blocks.select(1, g).addmm_(sc.Ybuf[g].narrow(1, 0, ti * K), sc.vb[g]);  // [D, ti*K] x [ti*K, d]
+  }
 }
 
 // Forward of one tile: fills A (attention), C (value scores), P (G_i a), dot and n2 for the ti x tj pairs.
