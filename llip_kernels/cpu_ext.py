@@ -37,6 +37,10 @@ EXT_NAME = "llip_cpu_ext"
 MAX_HK = 1024  # beyond this the 2(HK)^2 per-pair term of form 3 dominates: forms 1/2 win
 TILE_TEXTS = 256  # texts per tile: long, contiguous rows for the vectorised loops
 TILE_FLOATS = 1 << 19  # floats per scratch buffer (4 of them): 2 MiB each, near L2 size
+# Texts per backward pass (rounded down to whole tiles): each thread keeps partial sums of dQ and dU for one pass,
+# 2 * TEXTS_PER_PASS * D floats (32 MiB at D = 512), instead of for all Bt texts; each extra pass recomputes the
+# per-image Gram matrices, about 1.5% of a pass's pair work at B/16.
+TEXTS_PER_PASS = 8192
 
 ENV_THREADS = "LLIP_CPU_THREADS"  # threads of the kernel (default: torch's; see _kernel_threads)
 
@@ -100,7 +104,7 @@ def _pair_forward(*args):
 
 def _pair_backward(*args):
     with _kernel_threads():
-        return extension().pair_backward(*args)
+        return extension().pair_backward(*args, TEXTS_PER_PASS)
 
 
 def extension():

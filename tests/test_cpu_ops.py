@@ -28,9 +28,11 @@ OPS = ("logits", "sigmoid_loss", "softmax_loss")
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Force many ragged tiles (3 images x 8 texts) so the cross-tile paths run: the online log-sum-exps,
-    gradient accumulation across tiles, and the diagonal / positive pairs that fall on tile edges."""
+    """Force many ragged tiles (3 images x 8 texts) and backward passes of 16 texts so the cross-tile paths run:
+    the online log-sum-exps, gradient accumulation across tiles and passes, and the diagonal / positive pairs
+    that fall on tile edges."""
     monkeypatch.setattr(cpu_ext, "tile_sizes", lambda Bi, Bt, H, K: (min(Bi, 3), min(Bt, 8)))
+    monkeypatch.setattr(cpu_ext, "TEXTS_PER_PASS", 16)  # the backward takes the texts in passes of 2 tiles
 
 
 def _inputs(op, Bi, Bt, H, K, d, **kw):

@@ -276,10 +276,11 @@ inline double sigmoid(double x) {
   return e / (1.0 + e);
 }
 
-// Runs fn(tile, scratch, thread) over every tile: image blocks split across threads, texts in order.
-// before_block / after_block run once per image block on the owning thread.
+// Runs fn(tile, scratch, thread) over every tile of the texts [j_begin, j_end): image blocks split across threads,
+// texts in order. before_block / after_block run once per image block on the owning thread.
 template <typename Before, typename Fn, typename After>
-void for_each_tile(const Inputs& in, std::vector<Scratch>& scr, Before&& before_block, Fn&& fn, After&& after_block) {
+void for_each_tile(const Inputs& in, std::vector<Scratch>& scr, int64_t j_begin, int64_t j_end, Before&& before_block,
+                   Fn&& fn, After&& after_block) {
   const int64_t nblk = (in.Bi + in.Ti - 1) / in.Ti;
   auto body = [&](int64_t b0, int64_t b1) {
     // OpenMP workers do not inherit the caller's dispatch state: without this, ATen calls on worker threads go
@@ -294,8 +295,8 @@ void for_each_tile(const Inputs& in, std::vector<Scratch>& scr, Before&& before_
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * in.Ti, ti = std::min(in.Ti, in.Bi - i0);
       before_block(i0, ti, sc, tid);
-      for (int64_t j0 = 0; j0 < in.Bt; j0 += in.Tj) {
-        const Tile t{i0, ti, j0, std::min(in.Tj, in.Bt - j0)};
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += in.Tj) {
+        const Tile t{i0, ti, j0, std::min(in.Tj, j_end - j0)};
         compute_tile(in, sc, t);
         fn(t, sc, tid);
       }
@@ -344,7 +345,7 @@ std::vector<at::Tensor> pair_forward(int64_t mode, const at::Tensor& k, const at
   std::vector<std::vector<double>> col_s(mode == kSoftmax ? nth : 0, std::vector<double>(Bt, 0.0));
   auto nothing = [](int64_t, int64_t, Scratch&, int) {};
   auto gram = [&](int64_t i0, int64_t ti, Scratch& sc, int) { gram_block(in, i0, ti, sc); };
-  for_each_tile(in, scr, gram, [&](const Tile& t, Scratch& sc, int tid) {
+  for_each_tile(in, scr, 0, Bt, gram, [&](const Tile& t, Scratch& sc, int tid) {
     const float* dotp = sc.dot.data_ptr<float>();
     const float* n2p = sc.n2.data_ptr<float>();
     for (int64_t i = 0; i < t.ti; ++i) {
@@ -410,13 +411,19 @@ std::vector<at::Tensor> pair_forward(int64_t mode, const at::Tensor& k, const at
 // pair's dLoss/dlogit depends on that pair's logit alone, so forward and backward can share one pass over the
 // tiles instead of recomputing them: the fused training path (cpu_ext.cpu_sigmoid_loss_fused) calls this with
 // grad = 1 and scales the gradients by the real cotangent later.
+//
+// Texts are taken in passes of Tp (a multiple of Tj): the per-thread partial sums of dQ and dU cover one pass,
+// so their memory is nth * 2 * Tp * D floats however large Bt is. Each pass recomputes the blocks' Gram matrices
+// (O(Bi) work per pass against O(Bi * Tp) pair work).
 std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& q, const at::Tensor& u, const at::Tensor& m,
                                       const at::Tensor& t_scale, const at::Tensor& b_bias, const at::Tensor& lse_row,
                                       const at::Tensor& lse_col, double tau, bool has_pos, int64_t pos_offset,
-                                      int64_t Ti, int64_t Tj, bool with_loss) {
+                                      int64_t Ti, int64_t Tj, bool with_loss, int64_t Tp) {
   TORCH_CHECK(!with_loss || mode == kSigmoid, "llip cpu kernel: with_loss needs the sigmoid loss");
   Inputs in = make_inputs(k, v, q, u, m, tau, Ti, Tj);
+  // Whole tiles per pass, so that the tiling of the texts does not depend on the pass length.
+  Tp = std::max<int64_t>(1, (std::max(Tp, in.Tj) / in.Tj)) * in.Tj;
   const int64_t Bi = in.Bi, Bt = in.Bt, H = in.H, K = in.K, d = in.d;
   const double tv = t_scale.item<float>(), bv = b_bias.item<float>();
   at::Tensor dcos_in;
@@ -434,13 +441,17 @@ std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, cons
   const int nth = working_threads(in);
   auto scr = make_scratch(in, nth, true);
   auto f32 = k.options();
-  at::Tensor dk = at::empty({Bi, H, K, d}, f32), dv = at::empty({Bi, H, K, d}, f32);
-  // Text-side and M gradients sum over images, so over threads: one partial each, added in thread order.
+  at::Tensor dk = at::zeros({Bi, H, K, d}, f32), dv = at::zeros({Bi, H, K, d}, f32);
+  at::Tensor dq_all = at::zeros({H, Bt, d}, f32), du_all = at::zeros({H, Bt, d}, f32);
+  // Text-side and M gradients sum over images, so over threads: one partial each (dQ, dU: for the texts of the
+  // current pass), added in thread order.
+  const int64_t pass_len = std::min(Tp, std::max<int64_t>(Bt, 1));
   std::vector<at::Tensor> dqh(nth), duh(nth), dm(nth);
   for (int th = 0; th < nth; ++th) {
-    dqh[th] = at::zeros({H, Bt, d}, f32), duh[th] = at::zeros({H, Bt, d}, f32);
+    dqh[th] = at::empty({H, pass_len, d}, f32), duh[th] = at::empty({H, pass_len, d}, f32);
     dm[th] = at::zeros({H, d, H, d}, f32);
   }
+  int64_t p0 = 0;  // first text of the current pass
   std::vector<double> row_dt(Bi, 0.0), row_db(Bi, 0.0), row_loss(with_loss ? Bi : 0, 0.0);
   const float inv_tau = 1.0f / in.tau;
   auto before = [&](int64_t i0, int64_t ti, Scratch& sc, int) {
@@ -450,11 +461,11 @@ std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, cons
     sc.dvb = sc.dvbuf.narrow(0, 0, ti * in.HK * d).view({H, ti * K, d}).zero_();
   };
   auto after = [&](int64_t i0, int64_t ti, Scratch& sc, int tid) {
-    dk.narrow(0, i0, ti).copy_(sc.dkb.view({H, ti, K, d}).permute({1, 0, 2, 3}));
-    dv.narrow(0, i0, ti).copy_(sc.dvb.view({H, ti, K, d}).permute({1, 0, 2, 3}));
+    dk.narrow(0, i0, ti).add_(sc.dkb.view({H, ti, K, d}).permute({1, 0, 2, 3}));
+    dv.narrow(0, i0, ti).add_(sc.dvb.view({H, ti, K, d}).permute({1, 0, 2, 3}));
     gram_block_backward(in, i0, ti, sc, dv, dm[tid]);
   };
-  for_each_tile(in, scr, before, [&](const Tile& t, Scratch& sc, int tid) {
+  auto tile_backward = [&](const Tile& t, Scratch& sc, int tid) {
     const int64_t ti = t.ti, tj = t.tj;
     const float* dotp = sc.dot.data_ptr<float>();
     const float* n2p = sc.n2.data_ptr<float>();
@@ -532,17 +543,24 @@ std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, cons
       at::Tensor qb = in.qh[h].narrow(0, t.j0, tj), ub = in.uh[h].narrow(0, t.j0, tj);
       sc.dkb[h].addmm_(S[h], qb);
       sc.dvb[h].addmm_(C[h], ub);
-      dqh[tid][h].narrow(0, t.j0, tj).addmm_(S[h].t(), sc.kb[h]);
-      duh[tid][h].narrow(0, t.j0, tj).addmm_(C[h].t(), sc.vb[h]);
+      dqh[tid][h].narrow(0, t.j0 - p0, tj).addmm_(S[h].t(), sc.kb[h]);
+      duh[tid][h].narrow(0, t.j0 - p0, tj).addmm_(C[h].t(), sc.vb[h]);
     }
     at::Tensor A = image_view(sc.A, in, t), P = image_view(sc.P, in, t);
     sc.dG.narrow(0, 0, ti).baddbmm_(P, A.transpose(1, 2));
-  }, after);
-  for (int th = 1; th < nth; ++th) {
-    dqh[0].add_(dqh[th]), duh[0].add_(duh[th]), dm[0].add_(dm[th]);
+  };
+  for (p0 = 0; p0 < Bt; p0 += Tp) {
+    const int64_t p1 = std::min(Bt, p0 + Tp);
+    for (int th = 0; th < nth; ++th) dqh[th].zero_(), duh[th].zero_();
+    for_each_tile(in, scr, p0, p1, before, tile_backward, after);
+    for (int th = 0; th < nth; ++th) {
+      dq_all.narrow(1, p0, p1 - p0).add_(dqh[th].narrow(1, 0, p1 - p0));
+      du_all.narrow(1, p0, p1 - p0).add_(duh[th].narrow(1, 0, p1 - p0));
+    }
   }
+  for (int th = 1; th < nth; ++th) dm[0].add_(dm[th]);
   auto unhead3 = [&](const at::Tensor& x) { return x.permute({1, 0, 2}).contiguous(); };
-  return {dk, dv, unhead3(dqh[0]), unhead3(duh[0]), dm[0].view({in.D, in.D}),
+  return {dk, dv, unhead3(dq_all), unhead3(du_all), dm[0].view({in.D, in.D}),
           at::scalar_tensor(ordered_sum(row_dt), f32), at::scalar_tensor(ordered_sum(row_db), f32),
           at::scalar_tensor(with_loss ? ordered_sum(row_loss) / double(Bi) : 0.0, f32)};
 }
