@@ -11,7 +11,7 @@ Shape: B/16 head (K=32, H=8, D=512, d=64, tau=5), float32, ``llip_sigmoid_loss``
   fp32 ``torch.mm`` measured in the same run; target >= 50%.
 
 Every provider runs on torch's default thread count (the cpu kernel follows it unless ``$LLIP_CPU_THREADS`` says
-otherwise, see ``llip_kernels.cpu_ext._kernel_threads``); the yardstick matmul too. Timings on 2 shared cores are
+otherwise, see ``llip_kernels.cpu_ext.kernel_threads``); the yardstick matmul too. Timings on 2 shared cores are
 noisy: each worker takes the best of ``--reps`` timed calls after one warm-up, and the ratios are what to read.
 ``--json PATH`` also writes every number.
 """
@@ -61,12 +61,11 @@ def worker(provider: str, batch: int, reps: int) -> dict:
     import torch
 
     import llip_kernels as lk
+    from llip_kernels import cpu_ext  # importing builds nothing
     from llip_kernels.testing import make_llip_inputs
 
     x = make_llip_inputs(batch, batch, H, K, d, tau=TAU)
     if provider == "cpu":  # build / load the extension before the baseline: a one-off, not working memory
-        from llip_kernels import cpu_ext
-
         cpu_ext.extension()
     import gc
 
@@ -82,9 +81,7 @@ def worker(provider: str, batch: int, reps: int) -> dict:
         loss.backward()
         return loss
 
-    threads = torch.get_num_threads()
-    if provider == "cpu" and os.environ.get("LLIP_CPU_THREADS"):
-        threads = int(os.environ["LLIP_CPU_THREADS"])
+    threads = cpu_ext.kernel_threads() if provider == "cpu" else torch.get_num_threads()
     times = []
     loss = None
     for i in range(reps + 1):  # the first call is a warm-up

@@ -74,18 +74,24 @@ def _cpu_flags() -> tuple[str, ...]:
     return tuple(flags)
 
 
-@contextlib.contextmanager
-def _kernel_threads():
-    """Run the kernel with ``$LLIP_CPU_THREADS`` intra-op threads (default: torch's current setting), restoring
-    torch's setting after. Image blocks are spread over the threads in one parallel region (the GEMMs inside it
-    run single-threaded), so the kernel scales with cores: B/16, Bi = Bt = 512, sigmoid loss forward+backward on
-    2 idle cores took 0.81 s on 2 threads and 1.47 s on 1. On a machine shared with other busy jobs, fewer
-    threads than cores can be faster (a fork-join waits for its slowest thread): set the variable then.
+def kernel_threads() -> int:
+    """Threads the kernel runs on: ``$LLIP_CPU_THREADS``, else torch's current setting.
+
+    Image blocks are spread over the threads in one parallel region (the GEMMs inside it run single-threaded), so
+    the kernel scales with cores: B/16, Bi = Bt = 512, sigmoid loss forward+backward on 2 idle cores took 0.81 s
+    on 2 threads and 1.47 s on 1. On a machine shared with other busy jobs, fewer threads than cores can be
+    faster (a fork-join waits for its slowest thread): set the variable then.
     """
     try:
-        want = max(1, int(os.environ.get(ENV_THREADS) or torch.get_num_threads()))
+        return max(1, int(os.environ.get(ENV_THREADS) or torch.get_num_threads()))
     except ValueError as e:
         raise ValueError(f"${ENV_THREADS} must be a positive integer, got {os.environ[ENV_THREADS]!r}") from e
+
+
+@contextlib.contextmanager
+def _kernel_threads():
+    """Run the kernel on :func:`kernel_threads` intra-op threads, restoring torch's setting after."""
+    want = kernel_threads()
     have = torch.get_num_threads()
     if want == have:
         yield
@@ -178,8 +184,11 @@ def auto_skip_reasons(op: str, problem: LlipProblem) -> list[str]:
     if form == 3:
         return []
     training = problem.requires_grad and torch.is_grad_enabled()
-    ours = flops(op, *dims) + (flops(op, *dims, backward=True) if training else 0.0)
-    theirs = torch_chunked.flops(op, *dims) + (torch_chunked.flops(op, *dims, True) if training else 0.0)
+
+    def call_flops(model) -> float:  # the forward, plus the backward when gradients are wanted
+        return model(op, *dims) + (model(op, *dims, True) if training else 0.0)
+
+    ours, theirs = call_flops(flops), call_flops(torch_chunked.flops)
     if theirs <= 0 or ours < AUTO_MAX_FLOP_RATIO * theirs:
         return []
     return [
@@ -309,6 +318,16 @@ def _(k, v, q, u, m, t, b, tau, pos_offset, ti, tj):
     return k.new_empty(())
 
 
+def _sigmoid_sweep(grad, k, v, q, u, m, t, b, tau, pos_offset, ti, tj, *, with_loss):
+    """The kernel's backward sweep for the sigmoid loss -> ``[dk, dv, dq, du, dm, dt, db, loss]`` (``loss`` is
+    summed only ``with_loss``, else 0)."""
+    zero = k.new_zeros(())
+    off = 0 if pos_offset is None else pos_offset
+    return _pair_backward(
+        _MODE_SIGMOID, grad, k, v, q, u, m, t, b, zero, zero, tau, pos_offset is not None, off, ti, tj, with_loss
+    )
+
+
 @torch.library.custom_op(_ns + "cpu_sigmoid_loss_backward", mutates_args=())
 def cpu_sigmoid_loss_backward(
     grad: torch.Tensor,
@@ -324,11 +343,7 @@ def cpu_sigmoid_loss_backward(
     ti: int,
     tj: int,
 ) -> Grads7:
-    off = 0 if pos_offset is None else pos_offset
-    zero = k.new_zeros(())
-    has_pos = pos_offset is not None
-    out = _pair_backward(_MODE_SIGMOID, grad, k, v, q, u, m, t, b, zero, zero, tau, has_pos, off, ti, tj, False)
-    return tuple(out[:7])
+    return tuple(_sigmoid_sweep(grad, k, v, q, u, m, t, b, tau, pos_offset, ti, tj, with_loss=False)[:7])
 
 
 @cpu_sigmoid_loss_backward.register_fake
@@ -367,11 +382,7 @@ def cpu_sigmoid_loss_fused(
     db)``. Training path: each pair's dLoss/dlogit depends on its own logit only, so the backward pass needs no
     recomputation of the forward tiles (the forward's FLOPs are paid once instead of twice). The gradients are
     O(Bi + Bt) tensors, the size of the inputs; autograd scales them by the real cotangent."""
-    off = 0 if pos_offset is None else pos_offset
-    one = k.new_ones(())
-    zero = k.new_zeros(())
-    has_pos = pos_offset is not None
-    out = _pair_backward(_MODE_SIGMOID, one, k, v, q, u, m, t, b, zero, zero, tau, has_pos, off, ti, tj, True)
+    out = _sigmoid_sweep(k.new_ones(()), k, v, q, u, m, t, b, tau, pos_offset, ti, tj, with_loss=True)
     return (out[7], *out[:7])
 
 

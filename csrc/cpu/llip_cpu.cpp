@@ -276,12 +276,14 @@ inline double sigmoid(double x) {
   return e / (1.0 + e);
 }
 
+// Image blocks of Ti images (the last one ragged): the unit of work handed to threads.
+int64_t num_blocks(const Inputs& in) { return (in.Bi + in.Ti - 1) / in.Ti; }
+
 // Runs fn(tile, scratch, thread) over every tile of the texts [j_begin, j_end): image blocks split across threads,
 // texts in order. before_block / after_block run once per image block on the owning thread.
 template <typename Before, typename Fn, typename After>
 void for_each_tile(const Inputs& in, std::vector<Scratch>& scr, int64_t j_begin, int64_t j_end, Before&& before_block,
                    Fn&& fn, After&& after_block) {
-  const int64_t nblk = (in.Bi + in.Ti - 1) / in.Ti;
   auto body = [&](int64_t b0, int64_t b1) {
     // OpenMP workers do not inherit the caller's dispatch state: without this, ATen calls on worker threads go
     // through autograd (and refuse out= arguments when an input requires grad).
@@ -303,15 +305,14 @@ void for_each_tile(const Inputs& in, std::vector<Scratch>& scr, int64_t j_begin,
       after_block(i0, ti, sc, tid);
     }
   };
-  at::parallel_for(0, nblk, 1, body);
+  at::parallel_for(0, num_blocks(in), 1, body);
 }
 
 // Threads that can get work in for_each_tile: at::parallel_for with grain 1 hands out at most one range of
 // image blocks per thread, and never more ranges than blocks. Per-thread buffers are sized by this, so a call
 // with few images on a many-core machine does not allocate one set per idle core.
 int working_threads(const Inputs& in) {
-  const int64_t nblk = (in.Bi + in.Ti - 1) / in.Ti;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblk)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_blocks(in))));
 }
 
 double ordered_sum(const std::vector<double>& x) {
