@@ -121,6 +121,29 @@ def measure(
     return Timing.from_samples([t * 1e3 for t in times])
 
 
+def cuda_event_median_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` calls timed with CUDA events, after one untimed call (which also
+    compiles). The GPU check scripts' timer (``cuda_check.py``, ``triton_bench.py``)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def cuda_event_matmul_tflops(reps: int, n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """TFLOP/s of an ``n``-cubed ``torch.mm`` on the GPU, timed by :func:`cuda_event_median_ms`: the GPU check
+    scripts' yardstick."""
+    m = torch.randn(n, n, device="cuda", dtype=dtype)
+    return 2 * n**3 / (cuda_event_median_ms(lambda: m @ m, reps) * 1e-3) / 1e12
+
+
 def matmul_tflops(device: torch.device | str, dtype: torch.dtype, n: int | None = None) -> dict:
     """FLOP/s of one large square ``torch.mm`` in ``dtype`` on ``device``: the yardstick every row is divided
     by (the machine's practical peak, measured in the same run rather than hard-coded). The fastest repetition

@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from bench.common import cuda_event_matmul_tflops, cuda_event_median_ms  # noqa: E402
 from llip_kernels import cuda_ext, functional  # noqa: E402
 from llip_kernels.testing import check_op_against_reference, form_flops, make_llip_inputs  # noqa: E402
 
@@ -249,20 +250,6 @@ def deterministic(rep: Report) -> None:
     print(f"deterministic: {out}", flush=True)
 
 
-def _time_ms(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
 def _loss_fns(x, backend: str):
     """(forward without autograd, forward + backward to every input) of the sigmoid loss on inputs ``x``."""
 
@@ -277,15 +264,9 @@ def _loss_fns(x, backend: str):
     return fwd, fwd_bwd
 
 
-def _matmul_tflops(reps: int, n: int = 8192) -> float:
-    m = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = _time_ms(lambda: m @ m, reps)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
-
-
 def timing(rep: Report, B: int, reps: int) -> None:
     """Sigmoid loss forward and forward + backward, cuda vs reference, bf16, Bi = Bt = B, plus a bf16 matmul."""
-    rep.data["matmul_bf16_tflops"] = _matmul_tflops(reps)
+    rep.data["matmul_bf16_tflops"] = cuda_event_matmul_tflops(reps)
     for name, (H, K, d) in TIMING_HEADS.items():
         x = make_llip_inputs(B, B, H, K, d, dtype=torch.bfloat16, device="cuda", seed=0)
         for backend in ("cuda", "reference"):
@@ -305,7 +286,7 @@ def _time_backend(x, backend: str, B: int, H: int, K: int, d: int, reps: int) ->
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    row = {"fwd_ms": _time_ms(fwd, reps), "fwd_bwd_ms": _time_ms(fwd_bwd, reps)}
+    row = {"fwd_ms": cuda_event_median_ms(fwd, reps), "fwd_bwd_ms": cuda_event_median_ms(fwd_bwd, reps)}
     row["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
     f3_fwd = cuda_ext.flops("sigmoid_loss", B, B, H, K, d, False)
     f3_bwd = cuda_ext.flops("sigmoid_loss", B, B, H, K, d, True)

@@ -24,29 +24,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import llip_kernels as lk  # noqa: E402
+from bench.common import cuda_event_matmul_tflops, cuda_event_median_ms  # noqa: E402
 from llip_kernels import reference, testing, triton_ops  # noqa: E402
 from llip_kernels.triton_ops._aot import PAPER_CONFIGS  # noqa: E402
 
 
 def _time(fn, reps: int = 5) -> float:
     """Median seconds of ``fn`` (CUDA events, after one warm-up call that also compiles)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def matmul_tflops(n: int = 8192) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n**3 / _time(lambda: a @ b, reps=10) / 1e12
+    return cuda_event_median_ms(fn, reps) / 1e3
 
 
 def _inputs(Bi, Bt, H, K, d, dtype):
@@ -148,7 +133,7 @@ def main(argv=None) -> int:
         return 2
     import triton
 
-    peak = matmul_tflops()
+    peak = cuda_event_matmul_tflops(reps=10)
     print(f"bf16 torch matmul: {peak:.1f} TFLOP/s", flush=True)
     rows = []
     # the target of issue 3: G/14 head, 256 local images x 32,768 texts, bf16, vs the blocked checkpointed formula
