@@ -25,6 +25,14 @@ lint: setup
 cuda-ext:
 	bash scripts/build_cuda_ext.sh
 
+# The pytest-benchmark suite, measured (`make test` runs each of its cases once, untimed, at a tiny shape). Shapes
+# from LLIP_BENCH_CONFIGS / LLIP_BENCH_BATCH / LLIP_BENCH_DTYPE, by default B/16 at Bi = Bt = 128 in float32 on a
+# CPU (about 5 minutes on 2 cores). Every benchmark command: `python -m bench --help`, bench/README.md.
+BENCH_JSON ?= bench/results/pytest_bench_cpu.json
+bench: setup
+	env -u TRITON_INTERPRET $(PY) -m pytest tests/bench/test_bench_ops.py -q -p no:cacheprovider \
+		--benchmark-enable --benchmark-only --benchmark-json $(BENCH_JSON)
+
 # Compile every Triton kernel ahead of time for sm_90a and sm_80 (no GPU needed) and print registers/spills/smem.
 compile-table: setup
-	env -u TRITON_INTERPRET $(PY) bench/triton_compile_table.py --workers 2 --json bench/results/triton_compile_table.json --md bench/results/triton_compile_table.md
+	env -u TRITON_INTERPRET $(PY) -m bench compile-table --workers 2 --json bench/results/triton_compile_table.json --md bench/results/triton_compile_table.md

@@ -26,7 +26,7 @@ RESULTS = REPO / "bench" / "results"
 
 @dataclass(frozen=True)
 class Config:
-    """Mixer sizes of one paper configuration (SPEC section 2); ``d = D // H``."""
+    """Mixer sizes of one paper configuration (docs/design.md section 2); ``d = D // H``."""
 
     name: str
     K: int

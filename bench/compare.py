@@ -1,4 +1,4 @@
-"""Regression guard: ``python bench/compare.py NEW.json BASELINE.json [--threshold 0.15]``.
+"""Regression guard: ``python -m bench compare NEW.json BASELINE.json [--threshold 0.15]``.
 
 Matches the rows of two result files (:mod:`bench.harness` format) on (op, mode, provider, config, Bi, Bt, H,
 K, d, dtype, device), prints a table of baseline vs new time and their ratio, and exits
@@ -111,7 +111,7 @@ def format_table(verdicts: list[dict], stat: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench/compare.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench compare", description=__doc__.split("\n\n")[0])
     p.add_argument("new", help="result JSON of the run under test")
     p.add_argument("baseline", help="saved result JSON to compare against")
     p.add_argument("--threshold", type=float, default=0.15, help="allowed slowdown as a fraction (0.15 = 15%%)")

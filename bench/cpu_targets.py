@@ -1,4 +1,4 @@
-"""Issue 4's CPU targets, printed by one command: ``.venv/bin/python -m bench.cpu_targets``.
+"""The cpu backend's targets, printed by one command: ``.venv/bin/python -m bench cpu-targets``.
 
 Shape: B/16 head (K=32, H=8, D=512, d=64, tau=5), float32, ``llip_sigmoid_loss`` forward + backward.
 
@@ -7,11 +7,11 @@ Shape: B/16 head (K=32, H=8, D=512, d=64, tau=5), float32, ``llip_sigmoid_loss``
 - memory: peak RSS of each provider minus its baseline (after imports and inputs), each in a fresh subprocess
   (ru_maxrss never goes down, so one process per measurement); target cpu <= reference / 20;
 - bounded memory: ``cpu`` at Bi = Bt = 4096 (``--big``, 0 to skip), its peak reported;
-- efficiency: ``cpu``'s FLOP/s, counting the FLOPs of form 3 that it performs (``cpu_ext.flops``), over a large
+- efficiency: ``cpu``'s FLOP/s, counting the FLOPs of form 3 that it performs (``cpu_backend.flops``), over a large
   fp32 ``torch.mm`` measured in the same run; target >= 50%.
 
 Every provider runs on torch's default thread count (the cpu kernel follows it unless ``$LLIP_CPU_THREADS`` says
-otherwise, see ``llip_kernels.cpu_ext.kernel_threads``); the yardstick matmul too. Timings on 2 shared cores are
+otherwise, see ``llip_kernels.backends.cpu.kernel_threads``); the yardstick matmul too. Timings on 2 shared cores are
 noisy: each worker takes the best of ``--reps`` timed calls after one warm-up, and the ratios are what to read.
 ``--json PATH`` also writes every number.
 """
@@ -61,12 +61,12 @@ def worker(provider: str, batch: int, reps: int) -> dict:
     import torch
 
     import llip_kernels as lk
-    from llip_kernels import cpu_ext  # importing builds nothing
+    from llip_kernels.backends import cpu as cpu_backend  # importing builds nothing
     from llip_kernels.testing import make_llip_inputs
 
     x = make_llip_inputs(batch, batch, H, K, d, tau=TAU)
     if provider == "cpu":  # build / load the extension before the baseline: a one-off, not working memory
-        cpu_ext.extension()
+        cpu_backend.extension()
     import gc
 
     gc.collect()
@@ -81,7 +81,7 @@ def worker(provider: str, batch: int, reps: int) -> dict:
         loss.backward()
         return loss
 
-    threads = cpu_ext.kernel_threads() if provider == "cpu" else torch.get_num_threads()
+    threads = cpu_backend.kernel_threads() if provider == "cpu" else torch.get_num_threads()
     times = []
     loss = None
     for i in range(reps + 1):  # the first call is a warm-up
@@ -122,7 +122,7 @@ def matmul_gflops() -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench cpu-targets", description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--big", type=int, default=4096, help="batch of the bounded-memory run of cpu (0: skip)")
     p.add_argument("--reps", type=int, default=2)
@@ -135,10 +135,10 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, args.batch, args.reps)))
         return 0
 
-    from llip_kernels import cpu_ext
+    from llip_kernels.backends import cpu as cpu_backend
 
     B = args.batch
-    fl = cpu_ext.flops("sigmoid_loss", B, B, H, K, d) + cpu_ext.flops("sigmoid_loss", B, B, H, K, d, backward=True)
+    fl = sum(cpu_backend.flops("sigmoid_loss", B, B, H, K, d, backward=bw) for bw in (False, True))
     rows = {}
     mm_before = matmul_gflops()
     for prov in args.providers:

@@ -1,16 +1,16 @@
 """GPU check of the ``"cuda"`` backend, in one call: build the extension, check it against the fp64 reference
-(SPEC section 6) on odd shapes and adversarial inputs, opcheck and torch.compile the custom ops, check the
-deterministic backward, time the B/16 and G/14 heads against the reference, and last (optional) run one small case
-under compute-sanitizer.
+(docs/design.md section 6) on odd shapes and adversarial inputs, opcheck and torch.compile the custom ops, check
+the deterministic backward, time the B/16 and G/14 heads against the reference, and last (optional) run one small
+case under compute-sanitizer.
 
-    python bench/cuda_check.py OUT_DIR [--quick] [--no-sanitizer]
+    python -m bench cuda-check OUT_DIR [--quick] [--no-sanitizer]
 
 Writes ``OUT_DIR/cuda_check.json`` (rewritten after every step, so a timeout still leaves the results so far) and
 prints one line per step. Exit status 0 when the build and every correctness check passed. Made to run unattended
 on a machine with an H200, torch 2.11 + cu130, nvcc 13.0 and no network (bench/gpu_check.sh calls it).
 
-FLOPs: ``llip_kernels.cuda_ext.flops`` (form 3, the form the kernels use); "effective" TFLOP/s count form 1
-(SPEC section 4) so that algorithms can be compared.
+FLOPs: ``llip_kernels.backends.cuda.flops`` (form 3, the form the kernels use); "effective" TFLOP/s count form 1
+(``llip_kernels.algebra.pair_flops``, docs/design.md section 4) so that algorithms can be compared.
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import torch
+
+from bench.common import REPO, cuda_event_matmul_tflops, cuda_event_median_ms
+from llip_kernels import functional
+from llip_kernels.algebra import pair_flops
+from llip_kernels.backends import cuda as cuda_backend
+from llip_kernels.testing import check_op_against_reference, make_llip_inputs
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
-
-from bench.common import cuda_event_matmul_tflops, cuda_event_median_ms  # noqa: E402
-from llip_kernels import cuda_ext, functional  # noqa: E402
-from llip_kernels.testing import check_op_against_reference, form_flops, make_llip_inputs  # noqa: E402
 
 # Correctness grid: (Bi, Bt, H, K, d) with why.
 SHAPES = [
@@ -72,7 +72,7 @@ def _meta() -> dict:
         "device": dev.name if dev else None,
         "capability": f"{dev.major}.{dev.minor}" if dev else None,
         "sms": dev.multi_processor_count if dev else None,
-        "cuda_home": cuda_ext.cuda_home(),
+        "cuda_home": cuda_backend.cuda_home(),
         "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST"),
     }
 
@@ -80,7 +80,7 @@ def _meta() -> dict:
 def build(rep: Report) -> bool:
     t0 = time.perf_counter()
     try:
-        ext = cuda_ext.extension()
+        ext = cuda_backend.extension()
         rep.data["build"] = {"ok": True, "seconds": round(time.perf_counter() - t0, 1), "module": ext.__file__}
     except Exception as e:
         rep.data["build"] = {"ok": False, "seconds": round(time.perf_counter() - t0, 1), "error": str(e)[-4000:]}
@@ -105,7 +105,7 @@ def _is_context_fatal(e: BaseException) -> bool:
 
 
 def correctness(rep: Report, quick: bool) -> bool:
-    """Every case: output and every gradient vs fp64 with the SPEC section 6 rule. Returns False when the CUDA
+    """Every case: output and every gradient vs fp64 with the docs/design.md section 6 rule. Returns False when the CUDA
     context died (later GPU work would only repeat the error)."""
     cases = []
     for shape in SHAPES[: 3 if quick else None]:
@@ -153,7 +153,7 @@ def correctness(rep: Report, quick: bool) -> bool:
 
 def sanitizer(rep: Report, timeout_s: int = 90) -> None:
     """compute-sanitizer memcheck and racecheck (shared-memory hazards) of one small forward + backward."""
-    home = cuda_ext.cuda_home()
+    home = cuda_backend.cuda_home()
     tool = shutil.which("compute-sanitizer") or (home and str(Path(home) / "bin" / "compute-sanitizer"))
     if not tool or not Path(tool).exists():
         rep.data["sanitizer"] = {"skipped": "compute-sanitizer not found"}
@@ -161,9 +161,10 @@ def sanitizer(rep: Report, timeout_s: int = 90) -> None:
         return
     results = {}
     for check in ("memcheck", "racecheck"):
-        cmd = [tool, "--tool", check, "--error-exitcode", "3", sys.executable, __file__, "--tiny-case"]
+        cmd = [tool, "--tool", check, "--error-exitcode", "3", sys.executable, "-m", "bench", "cuda-check"]
+        cmd.append("--tiny-case")
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
             tail = (p.stdout + p.stderr)[-2500:]
             results[check] = {"rc": p.returncode, "ok": p.returncode == 0, "tail": tail}
         except subprocess.TimeoutExpired:
@@ -194,10 +195,10 @@ def compiled(rep: Report) -> None:
     inputs = [x.k, x.v, x.q, x.y, x.w_out, x.t, x.b]
 
     def loss_fn(k, v, q, y, w, t, b):
-        return cuda_ext.sigmoid_loss(k, v, q, y, w, t, b, tau=x.tau, pos_offset=0)
+        return cuda_backend.sigmoid_loss(k, v, q, y, w, t, b, tau=x.tau, pos_offset=0)
 
     try:
-        u, g = cuda_ext.text_and_gram(x.v.detach(), x.y.detach(), x.w_out.detach())
+        u, g = cuda_backend.text_and_gram(x.v.detach(), x.y.detach(), x.w_out.detach())
         args = (x.k, x.v, x.q, u.requires_grad_(), g.requires_grad_(), x.t, x.b, x.tau, 0, True, False)
         torch.library.opcheck(torch.ops.llip_kernels.cuda_sigmoid_loss.default, args)
         out["opcheck"] = "ok"
@@ -232,7 +233,7 @@ def deterministic(rep: Report) -> None:
         inputs = [x.k, x.v, x.q, x.y, x.w_out, x.t, x.b]
         runs = []
         for _ in range(2):
-            loss = cuda_ext.sigmoid_loss(*inputs, tau=x.tau, pos_offset=64)
+            loss = cuda_backend.sigmoid_loss(*inputs, tau=x.tau, pos_offset=64)
             runs.append(torch.autograd.grad(loss, inputs))
         out["bitwise_repeatable"] = all(torch.equal(a, b) for a, b in zip(*runs))
         out["ok"] = out["bitwise_repeatable"]
@@ -288,9 +289,9 @@ def _time_backend(x, backend: str, B: int, H: int, K: int, d: int, reps: int) ->
     base = torch.cuda.memory_allocated()
     row = {"fwd_ms": cuda_event_median_ms(fwd, reps), "fwd_bwd_ms": cuda_event_median_ms(fwd_bwd, reps)}
     row["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
-    f3_fwd = cuda_ext.flops("sigmoid_loss", B, B, H, K, d, False)
-    f3_bwd = cuda_ext.flops("sigmoid_loss", B, B, H, K, d, True)
-    f1 = form_flops(1, K, H, H * d) * B * B
+    f3_fwd = cuda_backend.flops("sigmoid_loss", B, B, H, K, d, False)
+    f3_bwd = cuda_backend.flops("sigmoid_loss", B, B, H, K, d, True)
+    f1 = pair_flops(1, H, K, d) * B * B
     row["fwd_tflops_form3"] = f3_fwd / (row["fwd_ms"] * 1e-3) / 1e12
     row["fwd_bwd_tflops_form3"] = (f3_fwd + f3_bwd) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
     row["fwd_effective_tflops_form1"] = f1 / (row["fwd_ms"] * 1e-3) / 1e12
@@ -298,13 +299,22 @@ def _time_backend(x, backend: str, B: int, H: int, K: int, d: int, reps: int) ->
     return row
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    """The check; any exception is printed and gives exit status 1 (the JSON written so far stays)."""
+    try:
+        return _main(argv)
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench cuda-check", description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir", nargs="?", default=str(REPO / "bench" / "results" / "cuda_check"))
     p.add_argument("--quick", action="store_true", help="fewer shapes, smaller timing batch")
     p.add_argument("--no-sanitizer", action="store_true")
     p.add_argument("--tiny-case", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.tiny_case:
         tiny_case()
         return 0
@@ -331,8 +341,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception:
-        traceback.print_exc()
-        sys.exit(1)
+    sys.exit(main())

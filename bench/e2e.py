@@ -1,10 +1,10 @@
 """End-to-end training-step time: Llip against SigLIP with identical towers (the cost of the mixer).
 
-``python -m bench.e2e [--configs tiny b16] [--backends reference torch cpu ...] [--batch N]``
+``python -m bench e2e [--configs tiny b16] [--backends reference torch cpu ...] [--batch N]``
 
-One step = forward of both towers, loss, backward, AdamW step (``LlipModel.param_groups``, SPEC section 2
-hyperparameters), zero_grad. The SigLIP model is the same config with ``kind="siglip"``: same towers, one
-pooled image vector instead of the K mixture tokens + mixer. Llip is timed once per llip_kernels backend.
+One step = forward of both towers, loss, backward, AdamW step (``LlipModel.param_groups``, docs/design.md
+section 2 hyperparameters), zero_grad. The SigLIP model is the same config with ``kind="siglip"``: same towers,
+one pooled image vector instead of the K mixture tokens + mixer. Llip is timed once per llip_kernels backend.
 
 On a CPU the towers are cut down so that a step takes seconds: the B/16-shaped configuration keeps the
 image size (224 px: 196 patches + 32 mixture tokens), the context (77), every width and the mixer sizes of
@@ -55,7 +55,8 @@ def _llip_reasons(model, images, tokens, backend: str) -> list[str]:
 
     with torch.no_grad():
         out = model(images[:2], tokens[:2])
-    why = llip_kernels.backends(out["k"], out["v"], out["q"], out["y"], out["w_out"], tau=out["tau"], op="sigmoid_loss")
+    args = (out["k"], out["v"], out["q"], out["y"], out["w_out"])
+    why = llip_kernels.backend_reasons(*args, tau=model.tau, op="sigmoid_loss")
     return list(why.get(backend, ["unknown backend"]))
 
 
@@ -149,7 +150,7 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", choices=list(SETUPS), default=list(SETUPS))
     p.add_argument("--backends", nargs="+", choices=list(E2E_BACKENDS), default=list(E2E_BACKENDS))
     p.add_argument("--batch", type=int, help="override the batch of every setup")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     given = argv if argv is not None else sys.argv[1:]
     result = {
-        "meta": run_metadata(device, "python -m bench.e2e " + " ".join(shlex.quote(a) for a in given)),
+        "meta": run_metadata(device, "python -m bench e2e " + " ".join(shlex.quote(a) for a in given)),
         "matmul": {"float32": matmul_tflops(device, torch.float32)},
         "rows": [],
     }

@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # default: $OUT, else bench/results/gpu
 #
-# Needs python with torch (CUDA) + triton + pytest; uses the repo through PYTHONPATH (no pip install).
+# Needs python with torch (CUDA) + triton + pytest; uses the repo through PYTHONPATH (no pip install). The steps
+# are subcommands of the benchmarks' entry point, `python -m bench <subcommand>`, run from the repository root.
 # Steps, scarcest numbers first, each under its own time limit (sum 460 s) and each writing JSON under OUT_DIR:
 #   1. triton benchmark at paper shapes      -> triton_bench.json (+ .log)                     100 s
 #   2. cuda backend check, no sanitizer      -> cuda/cuda_check.json (+ cuda_check.log)        150 s
@@ -46,9 +47,10 @@ step() {
   steps="$steps${steps:+, }{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - t0)), \"log\": \"$log\"}"
 }
 
-step triton_bench 100 triton_bench.log TERM "$PY" bench/triton_bench.py --out "$OUT_DIR/triton_bench.json"
-step cuda_check 150 cuda_check.log TERM "$PY" bench/cuda_check.py "$OUT_DIR/cuda" --no-sanitizer
-step triton_tests 170 pytest.log INT "$PY" -m pytest tests/test_triton_ops.py -q -p no:cacheprovider \
+step triton_bench 100 triton_bench.log TERM "$PY" -m bench triton --out "$OUT_DIR/triton_bench.json"
+step cuda_check 150 cuda_check.log TERM "$PY" -m bench cuda-check "$OUT_DIR/cuda" --no-sanitizer
+# -o addopts="": the ini's addopts has --benchmark-disable, which pytest rejects where pytest-benchmark is missing.
+step triton_tests 170 pytest.log INT "$PY" -m pytest tests/kernels/test_triton.py -q -p no:cacheprovider -o addopts="" \
   --junitxml="$OUT_DIR/junit.xml"
 # junit.xml -> pytest.json: counts and the failing tests' ids and messages
 "$PY" - "$OUT_DIR/junit.xml" > "$OUT_DIR/pytest.json" <<'PYEOF'
@@ -64,7 +66,7 @@ failed = [dict(test=f"{c.get('classname')}::{c.get('name')}", message=(e.get("me
 print(json.dumps(dict({k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")},
                       time_s=float(suite.get("time", 0)), failed=failed), indent=1))
 PYEOF
-step compile_table 40 compile_table.log TERM "$PY" bench/triton_compile_table.py --quick --workers 8 \
+step compile_table 40 compile_table.log TERM "$PY" -m bench compile-table --quick --workers 8 \
   --json "$OUT_DIR/compile_table.json"
 
 echo "{\"status\": $status, \"steps\": [$steps]}" > "$OUT_DIR/summary.json"

@@ -3,7 +3,7 @@
 Providers of the Llip ops (``logits``, ``sigmoid_loss``, ``softmax_loss``):
 
 - ``reference``, ``torch``, ``cpu``, ``triton``, ``cuda``: llip_kernels backends, called only through the public
-  API (``llip_kernels.llip_*(..., backend=name)``); availability from ``llip_kernels.backends(...)``.
+  API (``llip_kernels.llip_*(..., backend=name)``); availability from ``llip_kernels.backend_reasons(...)``.
 - ``reference_compile``: the same public call to the reference backend wrapped in ``torch.compile``.
 - ``sdpa``: what one would write with an attention library. Each image is a batch entry whose K mixture tokens
   are the keys/values and whose queries are the Bt texts: ``F.scaled_dot_product_attention(q [c, H, Bt, d],
@@ -22,7 +22,6 @@ Modes: ``fwd`` (inference: no autograd graph), ``bwd`` (backward only; the forwa
 from __future__ import annotations
 
 import importlib
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,10 +31,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import llip_kernels
-from llip_kernels import dispatch
+from llip_kernels import dispatch, settings
 from llip_kernels._validate import check_llip_inputs
-from llip_kernels.reference import sigmoid_loss_from_logits, softmax_loss_from_logits
-from llip_kernels.testing import form_flops
+from llip_kernels.algebra import pair_flops, sigmoid_loss_from_logits, softmax_loss_from_logits
 
 from .common import CONFIGS, DTYPES, Config
 
@@ -148,7 +146,7 @@ def unavailable_reasons(case: Case, tensors: dict[str, torch.Tensor]) -> list[st
     if case.provider == "pooled":
         return []
     x = tensors
-    if case.provider == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if case.provider == "triton" and settings.triton_interpreting():
         return ["TRITON_INTERPRET is set: interpreted Triton is a correctness tool, not benchmarked"]
     if case.mode == "bwd" and case.op in _fused_training_ops(case.provider):
         return [f"{case.provider} computes {case.op}'s gradients inside the forward sweep; see its fwd+bwd row"]
@@ -183,7 +181,8 @@ def _fused_training_ops(provider: str) -> tuple[str, ...]:
 def _backend_reasons(name: str, case: Case, x: dict[str, torch.Tensor]) -> list[str]:
     args = (x["k"], x["v"], x["q"], x["y"], x["w_out"])
     try:
-        return list(llip_kernels.backends(*args, tau=case.cfg.tau, op=case.op).get(name, [f"unknown backend {name}"]))
+        reasons = llip_kernels.backend_reasons(*args, tau=case.cfg.tau, op=case.op)
+        return list(reasons.get(name, [f"unknown backend {name}"]))
     except (TypeError, ValueError) as e:
         return [f"invalid call: {e}"]
     except Exception:
@@ -351,17 +350,18 @@ def build(case: Case) -> Built:
 
 
 def flop_model(case: Case) -> dict:
-    """FLOPs of the algebraic form the provider uses (SPEC section 4) and form-1 "effective" FLOPs, for the
-    case's mode. Per-image and per-text work (O(Bi + Bt)) is left out: the O(Bi * Bt) pair work dominates.
+    """FLOPs of the algebraic form the provider uses (docs/design.md section 4) and form-1 "effective" FLOPs,
+    for the case's mode.
 
-    Backends may expose ``flops(op, Bi, Bt, H, K, d, backward)`` (the forward pass, or the backward pass alone:
-    the same convention everywhere); otherwise the provider is taken to compute
-    form 1 (the as-written formula: reference, its compiled twin, the attention baselines), with the usual
-    backward = 2 x forward. Pooled losses: ``2 D`` per pair (the cosine matrix).
+    Backends count their own FLOPs (``flops(op, Bi, Bt, H, K, d, backward)``: the forward pass, or the backward
+    pass alone, pair work plus precomputations, from :mod:`llip_kernels.algebra`'s model); the other providers
+    (the reference's compiled twin, the attention baselines) are taken to compute form 1, the as-written
+    formula, pairs only, with the usual backward = 2 x forward. Pooled losses: ``2 D`` per pair (the cosine
+    matrix).
     """
     c = case.cfg
     pairs = case.Bi * case.Bt
-    f1 = form_flops(1, c.K, c.H, c.D) * pairs
+    f1 = pair_flops(1, c.H, c.K, c.d) * pairs
     form = "form 1 (4KD + 2D^2 per pair; bwd = 2 x fwd)"
     fwd, bwd = f1, 2 * f1
     if case.op in POOLED_OPS:

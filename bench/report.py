@@ -1,4 +1,4 @@
-"""Write ``bench/results/REPORT.md`` from the saved result files: ``python -m bench.report``.
+"""Write ``bench/results/REPORT.md`` from the saved result files: ``python -m bench report``.
 
 Reads (whichever exist) ``NOTES.md`` (hand-written findings and caveats, placed first), ``micro_cpu.json``,
 ``scaling_cpu.json`` (+ ``.png``), ``e2e_cpu.json`` and their ``_gpu`` twins under ``bench/results/``.
@@ -33,8 +33,8 @@ def _meta_line(result: dict) -> str:
         f"triton {m['triton']}, Python {m['python']}, git {m['git']}. Yardstick in the same run: {mm}.\n\n"
         f"Reproduce: `{m['command']}`"
     )
-    # Peak memory measured afterwards, by a separate command (bench.run --fill-memory / bench.scaling
-    # --remeasure-memory), and free-text notes recorded in the file.
+    # Peak memory measured afterwards, by a separate command (python -m bench run --fill-memory / python -m bench
+    # scaling --remeasure-memory), and free-text notes recorded in the file.
     for cmd in m.get("memory_filled_by", []):
         line += f"; peak memory: `{cmd}`"
     for entry in m.get("memory_remeasured", []):
@@ -69,9 +69,9 @@ def micro_section(result: dict) -> str:
         "### Microbenchmarks",
         _meta_line(result),
         "Columns: median and interquartile range of the time per call; GFLOP/s of the algebraic form the "
-        "provider computes (SPEC section 4; `flop_form` in the JSON); effective GFLOP/s = form-1 FLOPs / time "
-        "(comparable across algorithms); % of the matmul yardstick (form used); peak memory of one call above "
-        "the inputs (fresh process, peak RSS); x ref = reference time / this time, same run.",
+        "provider computes (docs/design.md section 4; `flop_form` in the JSON); effective GFLOP/s = form-1 FLOPs "
+        "/ time (comparable across algorithms); % of the matmul yardstick (form used); peak memory of one call "
+        "above the inputs (fresh process, peak RSS); x ref = reference time / this time, same run.",
     ]
     for (cfg, bi, bt, dt), grp in groups.items():
         grp.sort(key=lambda r: (r["op"], MODE_ORDER[r["mode"]], r["time_ms"]["median"]))
@@ -185,8 +185,8 @@ def build_report(results: Path = RESULTS, out: Path | None = None) -> Path:
         *([notes.read_text().strip()] if notes.exists() else []),
         "All numbers below come from the JSON files beside this report "
         "(`bench/results/`) and were produced by the command printed under each table. "
-        "Regenerate the report with `python -m bench.report`; compare a new run against a saved one with "
-        "`python bench/compare.py NEW.json bench/results/micro_cpu.json --threshold 0.15`.",
+        "Regenerate the report with `python -m bench report`; compare a new run against a saved one with "
+        "`python -m bench compare NEW.json bench/results/micro_cpu.json --threshold 0.15`.",
     ]
     for dev in ("cpu", "gpu"):
         found = False
@@ -206,7 +206,7 @@ def build_report(results: Path = RESULTS, out: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench report", description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--out")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Microbenchmarks from the command line: ``python -m bench.run [--preset cpu|gpu|quick] [options]``.
+"""Microbenchmarks from the command line: ``python -m bench run [--preset cpu|gpu|quick] [options]``.
 
 Prints one line per (op, mode, provider, shape, dtype) as it is measured and writes the JSON result file
 (format: :mod:`bench.harness`). Providers that cannot run here are listed as skipped with their reasons.
@@ -13,8 +13,8 @@ Presets (each a list of tables; the options below replace the preset's choices i
 
 Examples::
 
-    python -m bench.run --preset cpu --out bench/results/micro_cpu.json
-    python -m bench.run --configs B/16 L/14 --batch 512 --ops sigmoid_loss --modes fwd+bwd --providers reference torch
+    python -m bench run --preset cpu --out bench/results/micro_cpu.json
+    python -m bench run --configs B/16 L/14 --batch 512 --ops sigmoid_loss --modes fwd+bwd --providers reference torch
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .common import CONFIGS, RESULTS
 from .harness import TABLE_HEADER, fill_memory, fmt_row, run_cases, save, text_table
 from .providers import MODES, OPS, POOLED_OPS, PROVIDERS, Case, applicable
 
+COMMAND = "python -m bench run "  # recorded in the result file, as the way to reproduce it
 ALL_PROVIDERS = list(PROVIDERS)
 PAPER = ["B/32", "B/16", "L/14", "H/14", "G/14"]
 
@@ -39,7 +40,7 @@ NO_COMPILE = [p for p in ALL_PROVIDERS if p != "reference_compile"]
 PRESETS: dict[str, list[dict]] = {
     "quick": [dict(configs=["tiny"], batch=[(16, 16)], ops=list(OPS), modes=list(MODES), providers=ALL_PROVIDERS)],
     # Bi = Bt = 256: the smallest batch where the per-image / per-text work of the fused backends stops
-    # mattering on 2 cores (bench.scaling shows the per-pair cost flattening there), still seconds per row.
+    # mattering on 2 cores (python -m bench scaling shows the per-pair cost flattening there), still seconds per row.
     "cpu": [
         dict(configs=["B/16"], batch=[(256, 256)], ops=["sigmoid_loss"], modes=list(MODES), providers=ALL_PROVIDERS),
         dict(
@@ -88,9 +89,9 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench run", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu on a CUDA machine, else cpu")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="paper configurations (SPEC section 2)")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="paper shapes (docs/design.md section 2)")
     p.add_argument("--batch", nargs="+", type=parse_batch, help="N (Bi = Bt = N) or BixBt; several for a sweep")
     p.add_argument("--ops", nargs="+", choices=list(OPS))
     p.add_argument("--modes", nargs="+", choices=list(MODES))
@@ -120,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     given = argv if argv is not None else sys.argv[1:]
     if args.fill_memory:
         only = {"provider": args.providers, "mode": args.modes, "op": args.ops, "config": args.configs}
-        fill_memory(args.fill_memory, only, "python -m bench.run " + " ".join(map(shlex.quote, given)))
+        fill_memory(args.fill_memory, only, COMMAND + " ".join(map(shlex.quote, given)))
         return 0
     cases = build_cases(args)
     if not cases:
         p.error("no (op, provider) pair applies: the pooled ops have only provider 'pooled', the Llip ops all others")
     preset = args.preset or ("gpu" if cases[0].device == "cuda" else "cpu")
     out = Path(args.out) if args.out else RESULTS / f"micro_{preset}.json"
-    command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = COMMAND + " ".join(shlex.quote(a) for a in given)
 
     print(text_table(TABLE_HEADER, []), flush=True)
 

@@ -1,6 +1,6 @@
 """Scaling curves: time and peak memory against batch size (Bi = Bt), per provider -> JSON + PNG.
 
-``python -m bench.scaling [--config B/16] [--op sigmoid_loss] [--mode fwd+bwd] [--providers ...]``
+``python -m bench scaling [--config B/16] [--op sigmoid_loss] [--mode fwd+bwd] [--providers ...]``
 
 Each provider's batch doubles from ``--start`` until ``--max-batch``, or until it fails (out of memory), or the
 next point is *predicted* (x4 pairs) to
@@ -119,7 +119,7 @@ def remeasure_memory(path: Path, providers: list[str] | None, command: str) -> P
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench scaling", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="B/16", choices=list(CONFIGS))
     p.add_argument("--op", default="sigmoid_loss", choices=list(LLIP_OPS) + ["pooled_sigmoid_loss"])
     p.add_argument("--mode", default="fwd+bwd", choices=list(MODES))
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     given = argv if argv is not None else sys.argv[1:]
-    command = "python -m bench.scaling " + " ".join(shlex.quote(a) for a in given)
+    command = "python -m bench scaling " + " ".join(shlex.quote(a) for a in given)
     if args.remeasure_memory:
         remeasure_memory(Path(args.remeasure_memory), args.providers, command)
         return 0

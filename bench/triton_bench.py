@@ -1,10 +1,11 @@
 """Benchmark of the triton backend at paper shapes (GPU only): llip_sigmoid_loss forward+backward.
 
-    PYTHONPATH=. python bench/triton_bench.py --out bench/results/gpu/triton_bench.json [--quick]
+    python -m bench triton --out bench/results/gpu/triton_bench.json [--quick]
 
-FLOP model: what the kernels run (``llip_kernels.triton_ops.flops``: form 3, SPEC section 4, pair work plus
-precomputations), and "effective" FLOPs = form 1 (as written, 4KD + 2D^2 per pair forward, x3 for fwd+bwd)
-for comparison across algorithms. The machine reference is a large bf16 torch matmul measured in the same run.
+FLOP model: what the kernels run (``llip_kernels.backends.triton.flops``: form 3, docs/design.md section 4, pair
+work plus precomputations), and "effective" FLOPs = form 1 (``llip_kernels.algebra.pair_flops``: as written,
+4KD + 2D^2 per pair forward, x3 for fwd+bwd) for comparison across algorithms. The machine reference is a large
+bf16 torch matmul measured in the same run.
 Baseline: the as-written formula (reference backend) over blocks of texts with activation checkpointing,
 the way the reference code survives at scale. Writes one JSON document (GPU name, versions, timestamp, rows).
 """
@@ -17,16 +18,16 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
-
-import llip_kernels as lk  # noqa: E402
-from bench.common import cuda_event_matmul_tflops, cuda_event_median_ms  # noqa: E402
-from llip_kernels import reference, testing, triton_ops  # noqa: E402
-from llip_kernels.triton_ops._aot import PAPER_CONFIGS  # noqa: E402
+import llip_kernels as lk
+from bench.common import cuda_event_matmul_tflops, cuda_event_median_ms
+from llip_kernels import reference, testing
+from llip_kernels.algebra import pair_flops, sigmoid_labels
+from llip_kernels.backends import triton as triton_backend
+from llip_kernels.backends.triton.aot import PAPER_CONFIGS
 
 
 def _time(fn, reps: int = 5) -> float:
@@ -60,7 +61,7 @@ def run_blocked_reference(args, tau, block: int):
 
     def block_loss(k, v, qb, yb, w, t, b, start):
         lg = reference.logits(k, v, qb, yb, w, t, b, tau=tau)
-        labels = reference.sigmoid_labels(k.shape[0], qb.shape[0], -start, k.device)
+        labels = sigmoid_labels(k.shape[0], qb.shape[0], -start, k.device)
         return -F.logsigmoid(labels * lg).sum()
 
     def step():
@@ -87,9 +88,9 @@ def bench_one(name, Bi, Bt, dtype, peak, baseline_block, with_baseline):
     loss = step().item()
     sec = _time(step)
     peak_mem = torch.cuda.max_memory_allocated() - base_mem
-    fwd_bwd = [triton_ops.flops("sigmoid_loss", Bi, Bt, H, K, d, backward=bw) for bw in (False, True)]
+    fwd_bwd = [triton_backend.flops("sigmoid_loss", Bi, Bt, H, K, d, backward=bw) for bw in (False, True)]
     fl = sum(fwd_bwd)  # forward + the backward pass alone (every backend's flops() convention)
-    eff = 3 * Bi * Bt * testing.form_flops(1, K, H, H * d)
+    eff = 3 * Bi * Bt * pair_flops(1, H, K, d)
     row = dict(
         config=name,
         Bi=Bi,
@@ -124,7 +125,7 @@ def bench_one(name, Bi, Bt, dtype, peak, baseline_block, with_baseline):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench triton", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results/gpu/triton_bench.json")
     ap.add_argument("--quick", action="store_true", help="only the G/14 target and B/16")
     args = ap.parse_args(argv)
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     peak = cuda_event_matmul_tflops(reps=10)
     print(f"bf16 torch matmul: {peak:.1f} TFLOP/s", flush=True)
     rows = []
-    # the target of issue 3: G/14 head, 256 local images x 32,768 texts, bf16, vs the blocked checkpointed formula
+    # the headline target: G/14 head, 256 local images x 32,768 texts, bf16, vs the blocked checkpointed formula
     rows.append(bench_one("G/14", 256, 32768, torch.bfloat16, peak, 1024, True))
     others = ["B/16"] if args.quick else ["B/32", "B/16", "L/14", "H/14"]
     for name in others:

@@ -2,10 +2,10 @@
 
 No GPU needed. Must run WITHOUT TRITON_INTERPRET (the interpreter replaces @triton.jit), e.g.
 
-    env -u TRITON_INTERPRET .venv/bin/python bench/triton_compile_table.py [--quick] [--json out.json] [--md out.md]
+    env -u TRITON_INTERPRET .venv/bin/python -m bench compile-table [--quick] [--json out.json] [--md out.md]
 
-For each paper config of SPEC section 2 (K, H, d) and dtype it compiles the launch configurations the
-launcher uses at a large text batch (see llip_kernels/triton_ops/_aot.py): 13 kernels (3 forward modes, the
+For each paper config of docs/design.md section 2 (K, H, d) and dtype it compiles the launch configurations the
+launcher uses at a large text batch (see ``llip_kernels.backends.triton.aot``): 13 kernels (3 forward modes, the
 column pass of the softmax loss, and per mode the atomic and ordered image passes and the deterministic text
 pass) x 5 configs x {bf16, fp32} x {sm_90a, sm_80} = 260. Exit status 1 when any kernel spills or exceeds the
 chip's shared memory. ``--quick`` compiles the representative subset the test suite uses (QUICK below).
@@ -20,9 +20,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
+import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The test suite's subset, (config, dtype, arch) -> kernels (None: all 13). Every kernel of one config in both
@@ -31,14 +29,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 QUICK = {
     ("B/16", "bf16", 90): None,
     ("B/16", "fp32", 90): None,
-    ("G/14", "bf16", 90): ("fwd_image[MODE=1]", "fwd_text", "bwd_image[MODE=1,atomic]", "bwd_image[MODE=2,ordered]"),
-    ("G/14", "fp32", 80): ("bwd_image[MODE=1,ordered]",),
-    ("H/14", "bf16", 80): ("fwd_image[MODE=1]", "bwd_image[MODE=1,atomic]"),
+    ("G/14", "bf16", 90): (
+        "forward[op=sigmoid_loss]",
+        "forward[op=softmax_loss,text-stationary]",
+        "backward[op=sigmoid_loss,pass=atomic]",
+        "backward[op=softmax_loss,pass=image]",
+    ),
+    ("G/14", "fp32", 80): ("backward[op=sigmoid_loss,pass=image]",),
+    ("H/14", "bf16", 80): ("forward[op=sigmoid_loss]", "backward[op=sigmoid_loss,pass=atomic]"),
 }
 
 
 def _jobs(quick: bool, archs: list[int]):
-    from llip_kernels.triton_ops._aot import PAPER_CONFIGS, launch_specs
+    from llip_kernels.backends.triton.aot import PAPER_CONFIGS, launch_specs
 
     for name, (K, H, d) in PAPER_CONFIGS.items():
         for dname, dtype in DTYPES.items():
@@ -53,7 +56,7 @@ def _jobs(quick: bool, archs: list[int]):
 
 def _run(job):
     name, K, H, d, dname, idx, cap = job
-    from llip_kernels.triton_ops._aot import compile_spec, launch_specs
+    from llip_kernels.backends.triton.aot import compile_spec, launch_specs
 
     spec = launch_specs(H, K, d, DTYPES[dname], capability=cap)[idx]
     t0 = time.time()
@@ -62,7 +65,7 @@ def _run(job):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench compile-table", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a subset, for the test suite")
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities (90 = sm_90a)")
     ap.add_argument("--json", help="write the rows here")
@@ -108,7 +111,7 @@ def _markdown(rows: list[dict], summary: str) -> str:
     lines = [
         "# Triton backend: ahead-of-time compile table",
         "",
-        f"Made by `bench/triton_compile_table.py` (triton {triton.__version__}, no GPU: `triton.compile` for the",
+        f"Made by `python -m bench compile-table` (triton {triton.__version__}, no GPU: `triton.compile` for the",
         "target, then `ptxas -v` for registers and spills) on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. cap: the register cap the launcher passes",
         "(`maxnreg`, '-' for none); smem limit 227 KB on sm_90a, 163 KB on sm_80.",

@@ -68,7 +68,7 @@ def _scores(model, images: torch.Tensor, q, y, backend) -> torch.Tensor:
         k, v = enc
         dt = k.dtype
         return llip_kernels.llip_logits(
-            k, v.to(dt), q.to(dt), y.to(dt), model.w_out.to(dt), tau=float(model.config.tau), backend=backend
+            k, v.to(dt), q.to(dt), y.to(dt), model.w_out.to(dt), tau=model.tau, backend=backend
         )
     return F.normalize(enc.float(), dim=-1) @ F.normalize(y.float(), dim=-1).t()
 
@@ -81,7 +81,7 @@ def build_zero_shot_classifier(
     batch_size: int = 256,
 ) -> ZeroShotClassifier:
     """Encode ``template(classname)`` for every class and template (templates are ``"a photo of a {}."``
-    strings or callables) and average per class (SPEC section 1): Llip averages the queries Q and the
+    strings or callables) and average per class (docs/design.md section 1): Llip averages the queries Q and the
     normalised text embeddings y (then normalises); pooled kinds average the normalised embeddings."""
     if not classnames or not templates:
         raise ValueError("need at least one class name and one template")

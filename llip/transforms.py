@@ -1,7 +1,7 @@
 """Image preprocessing without torchvision (which would pull a CUDA torch): PIL resizing and cropping.
 
 Evaluation: resize the shorter side to S (bicubic), centre crop S x S. Training: RandomResizedCrop to S x S
-with scale (0.9, 1.0) and aspect ratio (3/4, 4/3) (SPEC section 2), bicubic. Both end with the OpenAI CLIP
+with scale (0.9, 1.0) and aspect ratio (3/4, 4/3) (docs/design.md section 2), bicubic. Both end with the OpenAI CLIP
 mean/std normalisation and give a float32 tensor ``[3, S, S]``.
 """
 

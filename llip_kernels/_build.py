@@ -1,8 +1,9 @@
 """Lazy, cached builds of our C++ / CUDA extensions with ``torch.utils.cpp_extension.load`` and ninja.
 
 Nothing is compiled at import time. The first call of :func:`load_extension` builds into a cache directory
-(``$LLIP_KERNELS_CACHE`` or ``~/.cache/llip_kernels``), in a sub-folder named after a hash of the sources,
-the flags, and the torch and Python versions, so machines sharing a cache never load a stale or foreign build.
+(:func:`llip_kernels.settings.cache_dir`: ``$LLIP_KERNELS_CACHE`` or ``~/.cache/llip_kernels``), in a sub-folder
+named after a hash of the sources, the flags, and the torch and Python versions, so machines sharing a cache
+never load a stale or foreign build.
 The outcome, module or failure, is remembered for the life of the process: a failed build is not retried on
 every call, and its message (one readable paragraph naming what is missing) is what backends report as their
 ``not_supported_reasons``.
@@ -19,7 +20,7 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
-ENV_CACHE = "LLIP_KERNELS_CACHE"
+from . import settings
 
 _results: dict[str, ModuleType | str] = {}
 _lock = threading.Lock()
@@ -27,12 +28,6 @@ _lock = threading.Lock()
 
 class ExtensionBuildError(RuntimeError):
     """The extension could not be built or loaded; the message says why and what to install."""
-
-
-def cache_root() -> Path:
-    """Where builds go: ``$LLIP_KERNELS_CACHE`` if set, else ``~/.cache/llip_kernels``."""
-    env = os.environ.get(ENV_CACHE)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "llip_kernels"
 
 
 def source_dir(*parts: str) -> Path | None:
@@ -118,7 +113,7 @@ def _build(name, sources, cflags, ldflags, cuda_cflags, with_cuda) -> ModuleType
     except Exception as e:  # pragma: no cover - torch without its build helpers
         raise ExtensionBuildError(f"cannot build {name}: torch.utils.cpp_extension unavailable ({e})") from e
     digest = build_hash([Path(p) for p in sources], cflags + ldflags + cuda_cflags + [str(with_cuda)])
-    build_dir = cache_root() / f"{name}-{digest}"
+    build_dir = settings.cache_dir() / f"{name}-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         return cpp_extension.load(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-OPS = ("logits", "sigmoid_loss", "softmax_loss", "mix")
+from .algebra import Op
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class LlipProblem:
     finite positive float.
     """
 
-    op: str
+    op: Op
     Bi: int
     Bt: int
     H: int
@@ -78,12 +78,22 @@ def check_pos_offset(pos_offset) -> int | None:
     return int(pos_offset)
 
 
-def check_llip_inputs(op: str, k, v, q, y, w_out, *, tau) -> LlipProblem:
+def check_op(op) -> Op:
+    """``op`` as an :class:`~llip_kernels.algebra.Op` (its public name, e.g. ``"sigmoid_loss"``, or the member)."""
+    try:
+        return Op(op)
+    except ValueError:
+        names = ", ".join(o.value for o in Op)
+        raise ValueError(f"op must be one of {names}; got {op!r}") from None
+
+
+def check_llip_inputs(op, k, v, q, y, w_out, *, tau) -> LlipProblem:
     """Validate the tensors of one Llip op and return its sizes. ``y`` is None for ``op == "mix"``."""
+    op = check_op(op)
     _check_tensor("k", k, 4, "[Bi, H, K, d]")
     _check_tensor("v", v, 4, "[Bi, H, K, d]")
     _check_tensor("q", q, 3, "[Bt, H, d]")
-    if op != "mix":
+    if op != Op.MIX:
         _check_tensor("y", y, 2, "[Bt, D]")
     _check_tensor("w_out", w_out, 2, "[D, D]")
     if v.shape != k.shape:
@@ -100,7 +110,7 @@ def check_llip_inputs(op: str, k, v, q, y, w_out, *, tau) -> LlipProblem:
     if tuple(w_out.shape) != (D, D):
         raise ValueError(f"w_out must have shape [D, D] = [{D}, {D}] (D = H * d = {H} * {d}), got {_fmt_shape(w_out)}")
     named = [("k", k), ("v", v), ("q", q), ("w_out", w_out)]
-    if op != "mix":
+    if op != Op.MIX:
         if tuple(y.shape) != (Bt, D):
             raise ValueError(f"y must have shape [Bt, D] = [{Bt}, {D}] (Bt from q, D = H * d), got {_fmt_shape(y)}")
         named.insert(3, ("y", y))
@@ -114,7 +124,7 @@ def check_llip_inputs(op: str, k, v, q, y, w_out, *, tau) -> LlipProblem:
                 f"(cast them, e.g. w_out.to(k.dtype), before the call)"
             )
     tau = check_tau(tau)
-    if op == "softmax_loss" and Bi != Bt:
+    if op == Op.SOFTMAX_LOSS and Bi != Bt:
         raise ValueError(f"the softmax loss needs as many images as texts (diagonal positives), got Bi={Bi}, Bt={Bt}")
     requires_grad = any(t.requires_grad for _, t in named)
     return LlipProblem(op, Bi, Bt, H, K, d, k.dtype, k.device, tau, requires_grad)

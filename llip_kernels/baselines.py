@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validate import check_pooled_inputs, check_pos_offset, check_scalar
-from .reference import sigmoid_loss_from_logits, softmax_loss_from_logits
+from .algebra import sigmoid_loss_from_logits, softmax_loss_from_logits
 
 
 def pooled_logits(img: torch.Tensor, txt: torch.Tensor, logit_scale=None, logit_bias=None) -> torch.Tensor:

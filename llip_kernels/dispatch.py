@@ -1,39 +1,26 @@
 """Choosing a backend: the ``backend=`` argument, else ``$LLIP_KERNELS_BACKEND``, else automatic.
 
-A backend is a module that exposes
-
-    not_supported_reasons(op, problem) -> list[str]      # empty list: it can run this call
-    logits(k, v, q, y, w_out, t, b, *, tau) -> Tensor[Bi, Bt] float32
-    sigmoid_loss(k, v, q, y, w_out, t, b, *, tau, pos_offset) -> Tensor[] float32
-    softmax_loss(k, v, q, y, w_out, t, *, tau) -> Tensor[] float32
-    mix(k, v, q, w_out, *, tau, all_pairs) -> Tensor                   (optional)
-
-with ``t``/``b`` 0-dim float32 tensors on the inputs' device and every input already validated
-(see :class:`llip_kernels._validate.LlipProblem`). Backends are imported lazily, on first use, so
-``import llip_kernels`` works without a GPU, Triton or a compiler; a backend whose module cannot be
-imported reports why as its reason.
-
-Automatic choice takes the first backend, in the order for the inputs' device, that gives no reason. A backend
-may also expose ``auto_skip_reasons(op, problem) -> list[str]``: reasons to pass it over in the automatic choice
-only (an explicit request still runs it), e.g. a shape where the next backend is predicted to be faster.
-The CPU order (``cpu`` before ``torch``, and the cpu backend's skip rule) was decided by measurement: see
-``llip_kernels.cpu_ext.auto_skip_reasons`` and ``bench/results/NOTES.md``.
+Backends (``llip_kernels/backends/``, and ``reference``) implement :class:`llip_kernels.backends.Backend` and are
+imported lazily, on first use, so ``import llip_kernels`` works without a GPU, Triton or a compiler; a backend
+whose module cannot be imported reports why as its reason. An explicit request that a backend cannot serve raises
+with every reason it gave; the automatic choice takes the first backend, in the order for the inputs' device,
+that gives none, unless a measured speed rule (:data:`YIELDS`) passes it over. See docs/design.md section 8.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 from types import ModuleType
 
+from . import settings
 from ._validate import LlipProblem
 
 # name -> module implementing it. Every backend is listed here from the start so that errors can name it.
 BACKEND_MODULES: dict[str, str] = {
-    "triton": "llip_kernels.triton_ops",
-    "cuda": "llip_kernels.cuda_ext",
-    "cpu": "llip_kernels.cpu_ext",
-    "torch": "llip_kernels.torch_chunked",
+    "triton": "llip_kernels.backends.triton",
+    "cuda": "llip_kernels.backends.cuda",
+    "cpu": "llip_kernels.backends.cpu",
+    "torch": "llip_kernels.backends.torch",
     "reference": "llip_kernels.reference",
 }
 
@@ -44,8 +31,22 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_ORDER = ("torch", "reference")
 
-ENV_BACKEND = "LLIP_KERNELS_BACKEND"
-ENV_DETERMINISTIC = "LLIP_KERNELS_DETERMINISTIC"
+# Measured speed rules of the automatic choice: backend -> (the backend it steps aside for, FLOP ratio). It steps
+# aside when the other runs another algebraic form for the call and its own FLOPs (forward, plus backward when
+# gradients are wanted) reach that multiple of the other's. An explicit request still runs it.
+#
+# cpu -> torch: form 3's per-image Gram matrices (2KD^2 + 2(HK)^2 d per image) only pay off when each image meets
+# many texts, and its 2(HK)^2 per pair exceeds form 2's pair work at K = 64, d = 64 (B/32); so at K = 64 and small
+# batches forms 1 / 2 are cheaper, and the torch backend picks the cheapest form per shape. Measured on 2 idle
+# cores (bench/results/dispatch_cpu_paper.json: 5 paper configs x Bi = Bt in {128, 256} x {forward,
+# forward+backward}): where the forms differ, the time ratio cpu / torch is about
+# 0.85x the FLOP ratio (the fused kernel runs its FLOPs faster), and 1.05 picks the faster backend in 18 of the 20
+# cases, losing 2% and 6% in the other two. Where both use form 3 the fused kernel wins whatever the FLOPs say (the
+# llip-tiny head, K 8 H 4 D 128: 4.7-8.5x; B/16 at Bi = Bt = 1024: 2.6x), so no FLOP rule applies there.
+YIELDS: dict[str, tuple[str, float]] = {"cpu": ("torch", 1.05)}
+
+ENV_BACKEND = settings.BACKEND
+ENV_DETERMINISTIC = settings.DETERMINISTIC
 
 _loaded: dict[str, ModuleType | str] = {}
 
@@ -74,23 +75,52 @@ def reasons_for(name: str, problem: LlipProblem) -> list[str]:
         return [mod]
     if problem.op == "mix" and not hasattr(mod, "mix"):
         return ["does not implement llip_mix"]
-    return list(mod.not_supported_reasons(problem.op, problem))
+    return list(mod.not_supported_reasons(problem))
+
+
+def environment_reasons(name: str) -> list[str]:
+    """What this environment lacks for backend ``name``, judged without inputs."""
+    mod = load_backend(name)
+    return [mod] if isinstance(mod, str) else list(mod.environment_reasons())
 
 
 def deterministic_requested() -> bool:
-    """True when bitwise-repeatable results are asked for: ``$LLIP_KERNELS_DETERMINISTIC=1`` or
-    ``torch.use_deterministic_algorithms(True)``. Backends that use atomics switch to ordered reductions."""
+    """See :func:`llip_kernels.settings.deterministic_requested`."""
+    return settings.deterministic_requested()
+
+
+def yield_reasons(name: str, problem: LlipProblem) -> list[str]:
+    """Why automatic dispatch passes ``name`` over for a faster backend on this call (:data:`YIELDS`)."""
+    if name not in YIELDS:
+        return []
+    other_name, max_ratio = YIELDS[name]
+    ours, other = load_backend(name), load_backend(other_name)
+    if isinstance(other, str) or reasons_for(other_name, problem):
+        return []
+    form = other.algebraic_form(problem)
+    if form == ours.algebraic_form(problem):
+        return []
     import torch
 
-    env = os.environ.get(ENV_DETERMINISTIC, "").strip().lower()
-    if env in ("1", "true", "yes", "on"):
-        return True
-    return torch.are_deterministic_algorithms_enabled()
+    training = problem.requires_grad and torch.is_grad_enabled()
+    dims = (problem.op, problem.Bi, problem.Bt, problem.H, problem.K, problem.d)
+
+    def call_flops(backend) -> float:  # the forward, plus the backward when gradients are wanted
+        return backend.flops(*dims) + (backend.flops(*dims, True) if training else 0.0)
+
+    mine, theirs = call_flops(ours), call_flops(other)
+    if theirs <= 0 or mine < max_ratio * theirs:
+        return []
+    return [
+        f"the {other_name} backend is predicted faster here: {mine:.3g} FLOPs in form "
+        f"{ours.algebraic_form(problem)} vs {theirs:.3g} in its form {form} (automatic choice keeps {name} below "
+        f"{max_ratio:.2f}x; backend={name!r} still runs it)"
+    ]
 
 
 def select_backend(problem: LlipProblem, backend: str | None) -> ModuleType:
     """Resolve ``backend`` (argument, then environment, then automatic) into a module that can run ``problem``."""
-    requested = backend if backend is not None else (os.environ.get(ENV_BACKEND) or None)
+    requested = backend if backend is not None else settings.requested_backend()
     if requested is not None and requested != "auto":
         if requested not in BACKEND_MODULES:
             source = "backend=" if backend is not None else f"${ENV_BACKEND}="
@@ -109,8 +139,7 @@ def select_backend(problem: LlipProblem, backend: str | None) -> ModuleType:
     for i, name in enumerate(order):
         why = reasons_for(name, problem)
         if not why and i + 1 < len(order):  # the last candidate is never skipped for speed
-            skip = getattr(load_backend(name), "auto_skip_reasons", None)
-            why = list(skip(problem.op, problem)) if skip is not None else []
+            why = yield_reasons(name, problem)
         if not why:
             return load_backend(name)
         collected.append(f"{name}: " + "; ".join(why))

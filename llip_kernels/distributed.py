@@ -2,7 +2,7 @@
 
 Llip: each rank keeps its own images' keys and values (``k, v: [B, H, K, d]``, K*D numbers per image) and only
 the text side (``q, y``: 2D numbers per text) moves, by one all-gather or around a ring, K times less traffic
-than moving images (SPEC section 3). Every rank then scores its images against every text of the global batch
+than moving images (docs/design.md section 3). Every rank then scores its images against every text of the global batch
 with the public fused op; the positives are the diagonal of its own block.
 
 Normalisation (exact under DDP). Let ``N`` be the global number of images (= texts), ``W`` the world size and

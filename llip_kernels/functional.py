@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from ._validate import check_llip_inputs, check_pos_offset, check_scalar
+from ._validate import check_llip_inputs, check_op, check_pos_offset, check_scalar
+from .algebra import Op
 
 
 def llip_logits(
@@ -32,10 +33,10 @@ def llip_logits(
 ) -> torch.Tensor:
     """All-pairs Llip logits ``logit_scale * cos(z[i, j], y_j) + logit_bias`` -> ``[Bi, Bt]`` float32.
 
-    ``z[i, j] = concat_h(sum_k softmax_k(<k[i,h,k], q[j,h]> / tau) * v[i,h,k]) @ w_out`` (SPEC section 1).
+    ``z[i, j] = concat_h(sum_k softmax_k(<k[i,h,k], q[j,h]> / tau) * v[i,h,k]) @ w_out`` (docs/design.md section 1).
     ``logit_scale=None`` means 1 and ``logit_bias=None`` means 0 (so the result is the cosine itself).
     """
-    problem = check_llip_inputs("logits", k, v, q, y, w_out, tau=tau)
+    problem = check_llip_inputs(Op.LOGITS, k, v, q, y, w_out, tau=tau)
     t = check_scalar("logit_scale", logit_scale, k.device, 1.0)
     b = check_scalar("logit_bias", logit_bias, k.device, 0.0)
     if problem.Bi == 0 or problem.Bt == 0:
@@ -63,7 +64,7 @@ def llip_sigmoid_loss(
     (if that text exists) and -1 otherwise. ``pos_offset=None`` makes every pair negative, as for a block of
     texts gathered from another rank. Never builds a ``[Bi, Bt]`` tensor on the fused backends.
     """
-    problem = check_llip_inputs("sigmoid_loss", k, v, q, y, w_out, tau=tau)
+    problem = check_llip_inputs(Op.SIGMOID_LOSS, k, v, q, y, w_out, tau=tau)
     pos_offset = check_pos_offset(pos_offset)
     t = check_scalar("logit_scale", logit_scale, k.device, None)
     b = check_scalar("logit_bias", logit_bias, k.device, None)
@@ -86,7 +87,7 @@ def llip_softmax_loss(
 ) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP) loss with Llip scores -> ``[]`` float32. Needs ``Bi == Bt``; pair ``(i, i)``
     is the positive. ``loss = (CE(logits, diag) + CE(logits^T, diag)) / 2`` with ``logits = logit_scale * cos``."""
-    problem = check_llip_inputs("softmax_loss", k, v, q, y, w_out, tau=tau)
+    problem = check_llip_inputs(Op.SOFTMAX_LOSS, k, v, q, y, w_out, tau=tau)
     t = check_scalar("logit_scale", logit_scale, k.device, None)
     if problem.Bi == 0:
         return _empty_connected((), k, v, q, y, w_out, t)
@@ -110,7 +111,7 @@ def llip_mix(
     ``all_pairs=True``: every pair -> ``[Bi, Bt, D]``; this is the tensor the fused ops avoid, so use it for
     analysis and small sets only.
     """
-    problem = check_llip_inputs("mix", k, v, q, None, w_out, tau=tau)
+    problem = check_llip_inputs(Op.MIX, k, v, q, None, w_out, tau=tau)
     if not isinstance(all_pairs, bool):
         raise TypeError(f"all_pairs must be a bool, got {type(all_pairs).__name__}")
     if not all_pairs and problem.Bi != problem.Bt:
@@ -135,7 +136,7 @@ def _empty_connected(shape, *inputs: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def backends(
+def backend_reasons(
     k=None, v=None, q=None, y=None, w_out=None, *, tau: float = 1.0, op: str = "sigmoid_loss"
 ) -> dict[str, list[str]]:
     """Every backend and why it cannot run the given call (an empty list: it can).
@@ -143,17 +144,8 @@ def backends(
     Without tensors, reports only what is missing in this environment (e.g. Triton not installed),
     judged on a tiny float32 CPU problem. ``op`` is one of ``logits``, ``sigmoid_loss``, ``softmax_loss``, ``mix``.
     """
-    if op not in ("logits", "sigmoid_loss", "softmax_loss", "mix"):
-        raise ValueError(f"op must be one of logits, sigmoid_loss, softmax_loss, mix; got {op!r}")
+    op = check_op(op)
     if k is None:
-        return {name: _import_reasons(name) for name in dispatch.BACKEND_MODULES}
+        return {name: dispatch.environment_reasons(name) for name in dispatch.BACKEND_MODULES}
     problem = check_llip_inputs(op, k, v, q, y, w_out, tau=tau)
     return {name: dispatch.reasons_for(name, problem) for name in dispatch.BACKEND_MODULES}
-
-
-def _import_reasons(name: str) -> list[str]:
-    mod = dispatch.load_backend(name)
-    if isinstance(mod, str):
-        return [mod]
-    env = getattr(mod, "environment_reasons", None)
-    return list(env()) if env is not None else []

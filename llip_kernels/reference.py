@@ -1,10 +1,10 @@
-"""Backend ``"reference"``: the Llip score exactly as written (SPEC section 4, form 1).
+"""Backend ``"reference"``: the Llip score exactly as written (form 1 of docs/design.md section 4).
 
 It materialises the ``[Bi, Bt, H, K]`` attention weights and the ``[Bi, Bt, D]`` mixed features and lets
 torch autograd differentiate plain ops. It is the oracle of the test suite and the baseline of the
 benchmarks, not a fast path: memory grows as Bi * Bt * (H * K + D).
 
-Arithmetic runs in the inputs' dtype (as the reference code does under autocast); logits and losses are
+Arithmetic runs in the inputs' dtype (as the official code does under autocast); logits and losses are
 returned in float32, or float64 for float64 inputs (the test oracle).
 """
 
@@ -14,10 +14,27 @@ import torch
 import torch.nn.functional as F
 
 from ._validate import LlipProblem
+from .algebra import call_flops, mix_aligned, sigmoid_loss_from_logits, softmax_loss_from_logits
+
+FLOP_FORM = "reference: form 1, 4KD + 2D^2 per pair; backward = 2 x forward (autograd)"
 
 
-def not_supported_reasons(op: str, problem: LlipProblem) -> list[str]:
-    return []  # plain torch: runs anything, anywhere (memory permitting)
+def environment_reasons() -> list[str]:
+    return []  # plain torch
+
+
+def not_supported_reasons(problem: LlipProblem) -> list[str]:
+    return []  # runs anything, anywhere (memory permitting)
+
+
+def algebraic_form(problem: LlipProblem) -> int:
+    return 1
+
+
+def flops(op: str, Bi: int, Bt: int, H: int, K: int, d: int, backward: bool = False) -> float:
+    """Form 1 as written: ``4KD + 2D^2`` per pair; autograd's backward costs two matmuls per forward matmul."""
+    fwd = float(call_flops(1, Bi, Bt, H, K, d))
+    return 2.0 * fwd if backward else fwd
 
 
 def mix_all_pairs(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, w_out: torch.Tensor, tau: float) -> torch.Tensor:
@@ -28,15 +45,6 @@ def mix_all_pairs(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, w_out: torc
     attn = torch.softmax(scores, dim=-1)  # [Bi, Bt, H, K]
     mixed = torch.einsum("ijhk,ihkc->ijhc", attn, v).reshape(Bi, Bt, H * d)  # [Bi, Bt, D]
     return mixed @ w_out  # [Bi, Bt, D]
-
-
-def mix_aligned(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, w_out: torch.Tensor, tau: float) -> torch.Tensor:
-    """The mixer for aligned pairs (image i with text i) -> ``[B, D]``."""
-    B, H, K, d = k.shape
-    scores = torch.einsum("bhkc,bhc->bhk", k, q) / tau  # [B, H, K]
-    attn = torch.softmax(scores, dim=-1)
-    mixed = torch.einsum("bhk,bhkc->bhc", attn, v).reshape(B, H * d)  # [B, D]
-    return mixed @ w_out
 
 
 def mix(k, v, q, w_out, *, tau: float, all_pairs: bool) -> torch.Tensor:
@@ -53,35 +61,6 @@ def cosine_all_pairs(k, v, q, y, w_out, tau: float) -> torch.Tensor:
 
 def logits(k, v, q, y, w_out, t, b, *, tau: float) -> torch.Tensor:
     return t * cosine_all_pairs(k, v, q, y, w_out, tau) + b
-
-
-def sigmoid_labels(Bi: int, Bt: int, pos_offset: int | None, device) -> torch.Tensor:
-    """``[Bi, Bt]`` float32 labels: +1 where text ``i + pos_offset`` exists for image ``i``, -1 elsewhere."""
-    labels = -torch.ones(Bi, Bt, dtype=torch.float32, device=device)
-    if pos_offset is not None:
-        rows = torch.arange(Bi, device=device)
-        cols = rows + pos_offset
-        ok = (cols >= 0) & (cols < Bt)
-        labels[rows[ok], cols[ok]] = 1.0
-    return labels
-
-
-def sigmoid_loss_from_logits(lg: torch.Tensor, pos_offset: int | None) -> torch.Tensor:
-    """SigLIP: ``-(1/Bi) * sum_ij log sigmoid(l_ij * logit_ij)``; 0 for an empty batch."""
-    Bi, Bt = lg.shape
-    if Bi == 0 or Bt == 0:
-        return lg.sum() * 0.0
-    labels = sigmoid_labels(Bi, Bt, pos_offset, lg.device)
-    return -F.logsigmoid(labels * lg).sum() / Bi
-
-
-def softmax_loss_from_logits(lg: torch.Tensor) -> torch.Tensor:
-    """CLIP: mean of the image->text and text->image cross-entropies, diagonal positives; 0 when empty."""
-    B = lg.shape[0]
-    if B == 0:
-        return lg.sum() * 0.0
-    target = torch.arange(B, device=lg.device)
-    return 0.5 * (F.cross_entropy(lg, target) + F.cross_entropy(lg.t(), target))
 
 
 def sigmoid_loss(k, v, q, y, w_out, t, b, *, tau: float, pos_offset: int | None) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Reusable pieces for testing and benchmarking Llip ops: input factories, the SPEC section 6 tolerance rule,
-a driver that checks an op and all its gradients against the fp64 reference, and an allocation recorder.
+"""Reusable pieces for testing and benchmarking Llip ops: input factories, the tolerance rule of docs/design.md
+section 6, a driver that checks an op and all its gradients against the fp64 reference, and an allocation recorder.
 
 The rule (FlashAttention's): for each output and gradient, ``max|ours - ref64| <= 2 * max|torch_same_dtype -
 ref64| + floor``, where ``ref64`` is the reference backend run in float64 and ``torch_same_dtype`` the reference
@@ -189,7 +189,7 @@ def check_op_against_reference(
     with_grad: bool = True,
     floor_scale: float = 1.0,
 ) -> None:
-    """Check ``backend``'s output and every input gradient against fp64 with the SPEC section 6 rule.
+    """Check ``backend``'s output and every input gradient against fp64 with the rule of docs/design.md section 6.
 
     ``inputs`` carry the dtype under test. Raises AssertionError naming the first quantity that fails.
     """
@@ -256,14 +256,3 @@ def record_allocations():
     rec = AllocationRecorder()
     with rec:
         yield rec
-
-
-def form_flops(form: int, K: int, H: int, D: int) -> float:
-    """Forward FLOPs per (image, text) pair of SPEC section 4's algebraic forms 1, 2 and 3."""
-    if form == 1:
-        return 4 * K * D + 2 * D * D
-    if form == 2:
-        return 2 * K * D * (1 + H)
-    if form == 3:
-        return 4 * K * D + 2 * (H * K) ** 2
-    raise ValueError(f"form must be 1, 2 or 3, got {form}")

@@ -34,10 +34,10 @@ start=$(date +%s)
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$VENV_CUDA/bin/python" - <<'PY'
 import torch
 
-from llip_kernels import cuda_ext
+from llip_kernels.backends import cuda as cuda_backend
 
-print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME {cuda_ext.cuda_home()}")
-ext = cuda_ext.extension()  # raises with the compiler's message if the build fails
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME {cuda_backend.cuda_home()}")
+ext = cuda_backend.extension()  # raises with the compiler's message if the build fails
 print(f"built and imported {ext.__name__} from {ext.__file__}: {', '.join(n for n in dir(ext) if not n.startswith('_'))}")
 PY
 echo "build_cuda_ext: done in $(( $(date +%s) - start )) s (build folder under $LLIP_KERNELS_CACHE)"

@@ -1,7 +1,7 @@
 // Vectorisable scalar helpers for the Llip CPU kernel.
 //
 // The per-pair softmax over the K mixture tokens costs H*K exponentials per (image, text) pair, as many as the
-// GEMM FLOPs divided by ~4d, so exp() is a co-bottleneck (SPEC section 4). glibc only exposes vector expf under
+// GEMM FLOPs divided by ~4d, so exp() is a co-bottleneck (docs/design.md section 4). glibc only exposes vector expf under
 // -ffast-math, which we do not want for the rest of the file, so we use our own branch-free exp2: the compiler
 // turns the loops that call it into AVX2 / AVX-512 / SSE code depending on the flags the build chose.
 #pragma once

@@ -1,4 +1,4 @@
-// Fused Llip scores and losses on the CPU (backend "cpu"), algebraic form 3 of SPEC section 4.
+// Fused Llip scores and losses on the CPU (backend "cpu"), algebraic form 3 of docs/design.md section 4.
 //
 // Per (image i, text j) pair, with s[h,k] = <K_i[h,k], Q_j[h]>, a = softmax_k(s / tau) per head,
 // c[h,k] = <V_i[h,k], U_j[h]> (U_j = W_out @ y_hat_j, computed once per text by the caller) and the per-image
@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "fast_math.h"
@@ -58,7 +59,9 @@ constexpr float kEps = 1e-12f;  // F.normalize's clamp on the norm of z
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-enum Mode : int64_t { kCos = 0, kSigmoid = 1, kSoftmax = 2 };
+// The op family; the values are llip_kernels.algebra.Op codes (exported below as OP_*, and checked by the tests).
+// kLogits computes cos(z_ij, y_j); the caller applies t and b.
+enum Op : int64_t { kLogits = 0, kSigmoidLoss = 1, kSoftmaxLoss = 2 };
 
 // Read-only inputs in the layouts the tile GEMMs want.
 struct Inputs {
@@ -323,27 +326,31 @@ double ordered_sum(const std::vector<double>& x) {
 
 }  // namespace
 
-// Forward. mode 0: returns {cos [Bi, Bt]}. mode 1 (sigmoid loss): {loss []}. mode 2 (softmax loss, Bi == Bt):
-// {loss [], lse_row [Bi], lse_col [Bt]} (the log-sum-exps are saved for the backward pass).
-std::vector<at::Tensor> pair_forward(int64_t mode, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q,
-                                     const at::Tensor& u, const at::Tensor& m, const at::Tensor& t_scale,
-                                     const at::Tensor& b_bias, double tau, bool has_pos, int64_t pos_offset,
-                                     int64_t Ti, int64_t Tj) {
+// The scalar of an optional 0-dim tensor (the logit scale t or bias b), or `absent` when the op takes none.
+double scalar_or(const std::optional<at::Tensor>& x, double absent) { return x ? x->item<float>() : absent; }
+
+// Forward. op kLogits: returns {cos [Bi, Bt]}. kSigmoidLoss: {loss []}, with image i's positive text
+// i + pos_offset (none when pos_offset is None). kSoftmaxLoss (Bi == Bt): {loss [], lse_row [Bi], lse_col [Bt]}
+// (the log-sum-exps are saved for the backward pass). t and b: the losses' logit scale and bias (b: sigmoid only).
+std::vector<at::Tensor> pair_forward(int64_t op, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q,
+                                     const at::Tensor& u, const at::Tensor& m, const std::optional<at::Tensor>& t,
+                                     const std::optional<at::Tensor>& b, double tau,
+                                     std::optional<int64_t> pos_offset, int64_t Ti, int64_t Tj) {
   Inputs in = make_inputs(k, v, q, u, m, tau, Ti, Tj);
-  TORCH_CHECK(mode == kCos || mode == kSigmoid || mode == kSoftmax, "llip cpu kernel: unknown mode ", mode);
-  TORCH_CHECK(mode != kSoftmax || in.Bi == in.Bt, "llip cpu kernel: the softmax loss needs Bi == Bt");
-  const double tv = t_scale.item<float>(), bv = b_bias.item<float>();
+  TORCH_CHECK(op == kLogits || op == kSigmoidLoss || op == kSoftmaxLoss, "llip cpu kernel: unknown op ", op);
+  TORCH_CHECK(op != kSoftmaxLoss || in.Bi == in.Bt, "llip cpu kernel: the softmax loss needs Bi == Bt");
+  const double tv = scalar_or(t, 1.0), bv = scalar_or(b, 0.0);
   const int64_t Bi = in.Bi, Bt = in.Bt;
   const int nth = working_threads(in);
   auto scr = make_scratch(in, nth, false);
   auto f32 = k.options();
-  at::Tensor cos_out = mode == kCos ? at::empty({Bi, Bt}, f32) : at::Tensor();
-  float* outp = mode == kCos ? cos_out.data_ptr<float>() : nullptr;
+  at::Tensor cos_out = op == kLogits ? at::empty({Bi, Bt}, f32) : at::Tensor();
+  float* outp = op == kLogits ? cos_out.data_ptr<float>() : nullptr;
   std::vector<double> row_loss(Bi, 0.0), diag(Bi, 0.0);
   // Online log-sum-exp of the logits per row (owned by one thread) and per column (partial per thread).
   std::vector<double> row_m(Bi, kNegInf), row_s(Bi, 0.0);
-  std::vector<std::vector<double>> col_m(mode == kSoftmax ? nth : 0, std::vector<double>(Bt, kNegInf));
-  std::vector<std::vector<double>> col_s(mode == kSoftmax ? nth : 0, std::vector<double>(Bt, 0.0));
+  std::vector<std::vector<double>> col_m(op == kSoftmaxLoss ? nth : 0, std::vector<double>(Bt, kNegInf));
+  std::vector<std::vector<double>> col_s(op == kSoftmaxLoss ? nth : 0, std::vector<double>(Bt, 0.0));
   auto nothing = [](int64_t, int64_t, Scratch&, int) {};
   auto gram = [&](int64_t i0, int64_t ti, Scratch& sc, int) { gram_block(in, i0, ti, sc); };
   for_each_tile(in, scr, 0, Bt, gram, [&](const Tile& t, Scratch& sc, int tid) {
@@ -351,10 +358,10 @@ std::vector<at::Tensor> pair_forward(int64_t mode, const at::Tensor& k, const at
     const float* n2p = sc.n2.data_ptr<float>();
     for (int64_t i = 0; i < t.ti; ++i) {
       const int64_t gi = t.i0 + i;
-      if (mode == kCos) {
+      if (op == kLogits) {
         for (int64_t j = 0; j < t.tj; ++j) outp[gi * Bt + t.j0 + j] = dotp[i * t.tj + j] / norm_of(n2p[i * t.tj + j]);
-      } else if (mode == kSigmoid) {
-        const int64_t pos = has_pos ? gi + pos_offset : -1;
+      } else if (op == kSigmoidLoss) {
+        const int64_t pos = pos_offset ? gi + *pos_offset : -1;
         double s = 0.0;
         for (int64_t j = 0; j < t.tj; ++j) {
           const double logit = tv * (dotp[i * t.tj + j] / norm_of(n2p[i * t.tj + j])) + bv;
@@ -382,8 +389,8 @@ std::vector<at::Tensor> pair_forward(int64_t mode, const at::Tensor& k, const at
       }
     }
   }, nothing);
-  if (mode == kCos) return {cos_out};
-  if (mode == kSigmoid) return {at::scalar_tensor(ordered_sum(row_loss) / double(Bi), f32)};
+  if (op == kLogits) return {cos_out};
+  if (op == kSigmoidLoss) return {at::scalar_tensor(ordered_sum(row_loss) / double(Bi), f32)};
   at::Tensor lse_row = at::empty({Bi}, f32), lse_col = at::empty({Bt}, f32);
   double sum_row = 0.0, sum_col = 0.0;
   for (int64_t i = 0; i < Bi; ++i) {
@@ -405,40 +412,44 @@ std::vector<at::Tensor> pair_forward(int64_t mode, const at::Tensor& k, const at
   return {at::scalar_tensor(total, f32), lse_row, lse_col};
 }
 
-// Backward (SPEC section 7). `grad` is dcos [Bi, Bt] for mode 0 and the loss's 0-dim cotangent otherwise.
-// Returns {dk, dv, dq, du, dm, dt, db, loss}; dt and db are zero for mode 0 (the caller applies t and b itself).
+// Backward (docs/design.md section 7). `grad` is dcos [Bi, Bt] for kLogits and the loss's 0-dim cotangent
+// otherwise; lse_row / lse_col are the softmax loss's saved log-sum-exps (None for the other ops).
+// Returns {dk, dv, dq, du, dm, dt, db, loss}; dt and db are zero for kLogits (the caller applies t and b itself).
 //
-// with_loss (sigmoid mode only): also sum the loss in the same sweep and return it as `loss` (else 0). Each
+// with_loss (sigmoid loss only): also sum the loss in the same sweep and return it as `loss` (else 0). Each
 // pair's dLoss/dlogit depends on that pair's logit alone, so forward and backward can share one pass over the
-// tiles instead of recomputing them: the fused training path (cpu_ext.cpu_sigmoid_loss_fused) calls this with
+// tiles instead of recomputing them: the fused training path (cpu_sigmoid_loss_fused in llip_kernels/backends/cpu.py) calls this with
 // grad = 1 and scales the gradients by the real cotangent later.
 //
 // Texts are taken in passes of Tp (a multiple of Tj): the per-thread partial sums of dQ and dU cover one pass,
 // so their memory is nth * 2 * Tp * D floats however large Bt is. Each pass recomputes the blocks' Gram matrices
 // (O(Bi) work per pass against O(Bi * Tp) pair work).
-std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, const at::Tensor& k, const at::Tensor& v,
+std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& q, const at::Tensor& u, const at::Tensor& m,
-                                      const at::Tensor& t_scale, const at::Tensor& b_bias, const at::Tensor& lse_row,
-                                      const at::Tensor& lse_col, double tau, bool has_pos, int64_t pos_offset,
-                                      int64_t Ti, int64_t Tj, bool with_loss, int64_t Tp) {
-  TORCH_CHECK(!with_loss || mode == kSigmoid, "llip cpu kernel: with_loss needs the sigmoid loss");
+                                      const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& b,
+                                      const std::optional<at::Tensor>& lse_row,
+                                      const std::optional<at::Tensor>& lse_col, double tau,
+                                      std::optional<int64_t> pos_offset, int64_t Ti, int64_t Tj, bool with_loss,
+                                      int64_t Tp) {
+  TORCH_CHECK(!with_loss || op == kSigmoidLoss, "llip cpu kernel: with_loss needs the sigmoid loss");
+  TORCH_CHECK(op != kSoftmaxLoss || (lse_row && lse_col), "llip cpu kernel: the softmax loss needs lse_row, lse_col");
   Inputs in = make_inputs(k, v, q, u, m, tau, Ti, Tj);
   // Whole tiles per pass, so that the tiling of the texts does not depend on the pass length.
   Tp = std::max<int64_t>(1, (std::max(Tp, in.Tj) / in.Tj)) * in.Tj;
   const int64_t Bi = in.Bi, Bt = in.Bt, H = in.H, K = in.K, d = in.d;
-  const double tv = t_scale.item<float>(), bv = b_bias.item<float>();
+  const double tv = scalar_or(t, 1.0), bv = scalar_or(b, 0.0);
   at::Tensor dcos_in;
   const float* dcp = nullptr;
   double go = 0.0;
-  if (mode == kCos) {
+  if (op == kLogits) {
     dcos_in = grad.to(at::kFloat).contiguous();
     TORCH_CHECK(dcos_in.dim() == 2 && dcos_in.size(0) == Bi && dcos_in.size(1) == Bt, "llip cpu kernel: bad dcos");
     dcp = dcos_in.data_ptr<float>();
   } else {
     go = grad.item<float>();
   }
-  const float* lrow = mode == kSoftmax ? lse_row.data_ptr<float>() : nullptr;
-  const float* lcol = mode == kSoftmax ? lse_col.data_ptr<float>() : nullptr;
+  const float* lrow = op == kSoftmaxLoss ? lse_row->data_ptr<float>() : nullptr;
+  const float* lcol = op == kSoftmaxLoss ? lse_col->data_ptr<float>() : nullptr;
   const int nth = working_threads(in);
   auto scr = make_scratch(in, nth, true);
   auto f32 = k.options();
@@ -481,10 +492,10 @@ std::vector<at::Tensor> pair_backward(int64_t mode, const at::Tensor& grad, cons
         const float raw = std::sqrt(std::max(n2p[p], 0.0f)), nrm = std::max(raw, kEps);
         const float cosv = dotp[p] / nrm;
         float dc;
-        if (mode == kCos) {
+        if (op == kLogits) {
           dc = dcp[gi * Bt + gj];
-        } else if (mode == kSigmoid) {
-          const double l = (has_pos && gj == gi + pos_offset) ? 1.0 : -1.0;
+        } else if (op == kSigmoidLoss) {
+          const double l = (pos_offset && gj == gi + *pos_offset) ? 1.0 : -1.0;
           const double logit = tv * cosv + bv;
           if (with_loss) sl += softplus(-l * logit);
           const double gl = -l * sigmoid(-l * logit) * go / double(Bi);
@@ -577,8 +588,18 @@ int64_t parallel_width(int64_t n) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.doc() = "Fused Llip (form 3) scores and losses on the CPU; see llip_kernels/cpu_ext.py";
-  mod.def("pair_forward", &pair_forward, "tiled forward: cos, sigmoid loss or softmax loss (+ log-sum-exps)");
-  mod.def("pair_backward", &pair_backward, "tiled backward: dk, dv, dq, du, dm, dt, db (+ the sigmoid loss)");
+  namespace py = pybind11;
+  mod.doc() = "Fused Llip (form 3) scores and losses on the CPU; see llip_kernels/backends/cpu.py";
+  mod.attr("OP_LOGITS") = static_cast<int64_t>(kLogits);
+  mod.attr("OP_SIGMOID_LOSS") = static_cast<int64_t>(kSigmoidLoss);
+  mod.attr("OP_SOFTMAX_LOSS") = static_cast<int64_t>(kSoftmaxLoss);
+  mod.def("pair_forward", &pair_forward, "tiled forward: cos, sigmoid loss or softmax loss (+ log-sum-exps)",
+          py::arg("op"), py::arg("k"), py::arg("v"), py::arg("q"), py::arg("u"), py::arg("m"), py::arg("t"),
+          py::arg("b"), py::arg("tau"), py::arg("pos_offset"), py::arg("images_per_tile"),
+          py::arg("texts_per_tile"));
+  mod.def("pair_backward", &pair_backward, "tiled backward: dk, dv, dq, du, dm, dt, db (+ the sigmoid loss)",
+          py::arg("op"), py::arg("grad"), py::arg("k"), py::arg("v"), py::arg("q"), py::arg("u"), py::arg("m"),
+          py::arg("t"), py::arg("b"), py::arg("lse_row"), py::arg("lse_col"), py::arg("tau"), py::arg("pos_offset"),
+          py::arg("images_per_tile"), py::arg("texts_per_tile"), py::arg("with_loss"), py::arg("texts_per_pass"));
   mod.def("parallel_width", &parallel_width, "threads a parallel region of n items runs on (a build check)");
 }

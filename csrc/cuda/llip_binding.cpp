@@ -1,6 +1,6 @@
 // Torch binding of the Llip CUDA kernels: checks tensors, then calls the launchers of llip_kernels.cu.
-// Built by llip_kernels/cuda_ext.py (torch.utils.cpp_extension.load); the torch.library custom ops that wrap these
-// functions (with fake implementations and autograd) are defined in Python there.
+// Built by llip_kernels/backends/cuda.py (torch.utils.cpp_extension.load); the torch.library custom ops that wrap
+// these functions (with fake implementations and autograd) are defined in Python there.
 // c10 headers only: ATen/cuda/CUDAContext.h would pull in cuBLAS / cuSPARSE headers that a bare toolkit may lack.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -120,8 +120,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Llip CUDA kernels (form 3, wmma bf16/fp16); see llip_kernels/cuda_ext.py";
-  m.def("cosine", &cosine, "all-pairs cos(z_ij, y_j) -> [Bi, Bt] float32");
-  m.def("sigmoid_fwd", &sigmoid_fwd, "SigLIP loss partial sums -> [Bi, grid_x] float32");
-  m.def("sigmoid_bwd", &sigmoid_bwd, "SigLIP loss gradients (float32)");
+  namespace py = pybind11;
+  m.doc() = "Llip CUDA kernels (form 3, wmma bf16/fp16); see llip_kernels/backends/cuda.py";
+  m.def("cosine", &cosine, "all-pairs cos(z_ij, y_j) -> [Bi, Bt] float32", py::arg("k"), py::arg("v"), py::arg("q"),
+        py::arg("u"), py::arg("g"), py::arg("gscale"), py::arg("tau"));
+  m.def("sigmoid_fwd", &sigmoid_fwd, "SigLIP loss partial sums -> [Bi, grid_x] float32", py::arg("k"), py::arg("v"),
+        py::arg("q"), py::arg("u"), py::arg("g"), py::arg("gscale"), py::arg("t"), py::arg("b"), py::arg("tau"),
+        py::arg("pos_offset"), py::arg("has_pos"), py::arg("grid_x"));
+  m.def("sigmoid_bwd", &sigmoid_bwd, "SigLIP loss gradients (float32)", py::arg("gout"), py::arg("k"), py::arg("v"),
+        py::arg("q"), py::arg("u"), py::arg("g"), py::arg("gscale"), py::arg("t"), py::arg("b"), py::arg("tau"),
+        py::arg("pos_offset"), py::arg("has_pos"), py::arg("deterministic"));
 }

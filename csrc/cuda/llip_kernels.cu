@@ -1,8 +1,8 @@
-// Llip CUDA kernels: all-pairs cosine and the SigLIP loss (forward and backward), SPEC section 4 form 3.
+// Llip CUDA kernels: all-pairs cosine and the SigLIP loss (forward and backward), form 3 of docs/design.md section 4.
 //
 // Why form 3: its per-pair cost 4KD + 2(HK)^2 is the lowest of the three forms for every paper config but B/32
 // (where it is 11% above form 2), its per-pair work lives entirely in the HK-dimensional "mixture" space (no D-wide
-// accumulator per pair, so a tile of 64 texts fits in shared memory), and SPEC section 7 gives its gradients.
+// accumulator per pair, so a tile of 64 texts fits in shared memory), and docs/design.md section 7 gives its gradients.
 // Per image i and text j (d = head dim, Kp/dp = K/d padded to 16):
 //   s[h,k]  = <K_i[h,k], Q_j[h]> / tau          a = softmax_k(s) per head         (tensor cores: Ks @ Qs^T)
 //   c[h,k]  = <V_i[h,k], U_j[h]>,  U_j = W_out @ normalize(y_j)                     (tensor cores: Vs @ Us^T)
@@ -334,7 +334,7 @@ __device__ __forceinline__ void add_text_side(float* p, float v) {
   }
 }
 
-// Backward of the SigLIP loss (SPEC section 7), per pair (image i, text j):
+// Backward of the SigLIP loss (docs/design.md section 7), per pair (image i, text j):
 //   g = -l sigmoid(-l logit) * gout,  ddot = g t / n,  dn2 = -g t dot / (2 n^3)  (0 where the norm is clamped)
 //   da = ddot c + 2 dn2 (G a),  ds = a (da - sum_k a da) / tau
 //   dK_i += ds Q_j, dV_i += ddot a U_j (image side: the block owning image i does a plain read-modify-write)

@@ -1,7 +1,7 @@
 """Model configurations: one JSON file per tower size, five model kinds per size.
 
-Each ``<size>.json`` in this folder holds the tower dimensions and Llip head of one row of SPEC section 2 (or a
-small CPU size) and the model names it defines, one per kind:
+Each ``<size>.json`` in this folder holds the tower dimensions and Llip head of one row of docs/design.md section 2
+(or a small CPU size) and the model names it defines, one per kind:
 
 - ``llip``: the Llip model (K mixture tokens, per-token key/value projections, text-conditioned mixer);
 - ``siglip`` / ``clip``: the baselines, one pooled image vector from a single class token (K = 1), trained with
@@ -53,7 +53,7 @@ class ModelConfig:
     qkv_norm: bool  # LayerNorm(D) on keys, values and queries (llip only; H/14, G/14)
     init_logit_scale: float  # log of the initial logit multiplier t; clamped at log(100) by clamp_logit_scale()
     init_logit_bias: float  # initial logit bias b (sigmoid loss only; the softmax loss has none)
-    lr: float  # peak AdamW learning rate of the recipe (SPEC section 2); advice for the trainer
+    lr: float  # peak AdamW learning rate of the recipe (docs/design.md section 2); advice for the trainer
 
     @property
     def vision_heads(self) -> int:

@@ -1,13 +1,14 @@
-"""The Llip model (SPEC section 1) and its pooled baselines (CLIP, SigLIP, register, avg) on the same towers.
+"""The Llip model (docs/design.md section 1) and its pooled baselines (CLIP, SigLIP, register, avg) on the same towers.
 
 Shapes: B images / texts, K mixture tokens, W vision width, Wt text width, D embedding dim, H heads,
 d = D / H. ``forward(images [B, 3, S, S], tokens [B, L] int64)`` returns a dict (the trainer contract):
 
 - llip: ``k, v: [B, H, K, d]``, ``q: [B, H, d]``, ``y: [B, D]``, ``w_out: [D, D]`` (all in k's dtype),
-  ``logit_scale`` (0-dim, the multiplier t = exp(param)), ``logit_bias`` (0-dim), ``tau`` (float);
+  ``logit_scale`` (0-dim, the multiplier t = exp(param)), ``logit_bias`` (0-dim);
 - pooled kinds: ``image: [B, D]``, ``text: [B, D]`` (not normalised), ``logit_scale``, ``logit_bias``.
 
-``loss(out)`` scores the batch with ``llip_kernels`` (``backend=`` picks the implementation).
+``loss(out)`` scores the batch with ``llip_kernels`` (``backend=`` picks the implementation). The mixer temperature
+is not in the dict: it is a fixed hyper-parameter, read from the model as :attr:`LlipModel.tau`.
 """
 
 from __future__ import annotations
@@ -122,10 +123,16 @@ class LlipModel(nn.Module):
             k, v = self.encode_image(images)
             q, y = self.encode_text(tokens)
             dt = k.dtype  # autocast may leave some of these in float32 (e.g. after LayerNorm): the op wants one
-            out.update(k=k, v=v.to(dt), q=q.to(dt), y=y.to(dt), w_out=self.w_out.to(dt), tau=float(self.config.tau))
+            out.update(k=k, v=v.to(dt), q=q.to(dt), y=y.to(dt), w_out=self.w_out.to(dt))
         else:
             out.update(image=self.encode_image(images), text=self.encode_text(tokens))
         return out
+
+    @property
+    def tau(self) -> float:
+        """The mixer softmax temperature, a Python float: a fixed hyper-parameter of the config (not learned, not
+        part of the state dict), so it lives on the model rather than in each forward output. Only llip uses it."""
+        return float(self.config.tau)
 
     def _bias(self) -> torch.Tensor:
         if self.logit_bias is not None:
@@ -155,29 +162,29 @@ class LlipModel(nn.Module):
             if self.kind == "llip":
                 args = (out["k"], out["v"], out["q"], out["y"], out["w_out"], t)
                 if sigmoid:
-                    return dist_ops.llip_sigmoid_loss_distributed(*args, b, tau=out["tau"], backend=backend)
+                    return dist_ops.llip_sigmoid_loss_distributed(*args, b, tau=self.tau, backend=backend)
                 fn = getattr(dist_ops, "llip_softmax_loss_distributed", None)
                 if fn is None:
                     raise NotImplementedError(
                         "llip_kernels.distributed has no llip_softmax_loss_distributed: "
                         "train llip with loss='sigmoid' when distributed"
                     )
-                return fn(*args, tau=out["tau"], backend=backend)
+                return fn(*args, tau=self.tau, backend=backend)
             if sigmoid:
                 return dist_ops.sigmoid_loss_distributed(out["image"], out["text"], t, b)
             return dist_ops.softmax_loss_distributed(out["image"], out["text"], t)
         if self.kind == "llip":
             args = (out["k"], out["v"], out["q"], out["y"], out["w_out"], t)
             if sigmoid:
-                return llip_kernels.llip_sigmoid_loss(*args, b, tau=out["tau"], backend=backend)
-            return llip_kernels.llip_softmax_loss(*args, tau=out["tau"], backend=backend)
+                return llip_kernels.llip_sigmoid_loss(*args, b, tau=self.tau, backend=backend)
+            return llip_kernels.llip_softmax_loss(*args, tau=self.tau, backend=backend)
         if sigmoid:
             return llip_kernels.sigmoid_loss(out["image"], out["text"], t, b)
         return llip_kernels.softmax_loss(out["image"], out["text"], t)
 
     # ---------------------------------------------------------------------------------------------- training
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups (SPEC section 2): decay on matrices (ndim >= 2: weights, embeddings, mixture tokens,
+        """AdamW groups (docs/design.md section 2): decay on matrices (ndim >= 2: weights, embeddings, mixture tokens,
         projections); none on vectors and scalars (norms, biases, logit scale and bias)."""
         decay, no_decay = [], []
         for p in self.parameters():

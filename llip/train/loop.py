@@ -1,7 +1,7 @@
-"""The training loop: one function, :func:`train`, readable top to bottom.
+"""The training loop: :func:`train` reads top to bottom as the steps of a run; each step is a short function below it.
 
-Recipe (SPEC section 2): AdamW (0.9, 0.95, eps 1e-6, decay 0.2 through ``model.param_groups``), linear warm-up
-then cosine to zero, bf16 autocast optional, logit scale clamped after each step. Runs on one process or under
+Recipe (docs/design.md section 2): AdamW (0.9, 0.95, eps 1e-6, decay 0.2 through ``model.param_groups``), linear
+warm-up then cosine to zero, bf16 autocast optional, logit scale clamped after each step. Runs on one process or under
 ``torchrun`` (DDP; the model's loss covers the global batch). Step ``s`` always trains on the same samples (see
 :mod:`llip.data.datasets`), so a run resumed from a checkpoint continues bitwise like an uninterrupted one.
 """
@@ -15,8 +15,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +27,10 @@ import torch.distributed as dist
 from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import MetricsLog
 from .schedule import WarmupCosine
+
+if TYPE_CHECKING:
+    from llip.data import TrainData
+    from llip.model import LlipModel
 
 
 @dataclass
@@ -118,10 +124,82 @@ def total_steps(cfg: TrainConfig, samples_per_epoch: int | None) -> int:
 def train(cfg: TrainConfig) -> dict:
     """Train as configured; returns ``{"step", "loss", "eval": {metric: (result, chance)}, "checkpoint"}``.
     Raises :class:`TrainingDiverged` on a NaN/inf loss (no checkpoint is written after it)."""
-    import llip
-    from llip.data import build_train_loader, builtin, data_kind
+    run = _setup_run(cfg)  # device, ranks, model, optimiser, data, schedule; restored from a checkpoint if resuming
+    log = _open_log(run)  # rank 0 only (None elsewhere); also writes config.json
+    evaluate, checkpoint = _make_evaluator(run, log), _make_checkpointer(run)
+    _announce(run)
+    bar = _progress_bar(run)
 
-    from .evaluate import evaluate_builtin, format_table
+    run.model.train()
+    skipped, loss_value, last_ckpt, results = 0, float("nan"), None, {}
+    throughput = _Throughput(cfg.batch_size)
+    step = run.start_step
+    while step < run.steps:
+        batch = _next_batch(run, skipped)
+        skipped += batch["skipped"]
+        try:
+            done = _train_step(run, batch, step)
+        except TrainingDiverged:
+            if bar is not None:
+                bar.close()
+            raise
+        step, loss_value = step + 1, done.loss
+        if run.dd.main:
+            _log_step(run, log, bar, throughput, step, done, skipped)
+        if step % cfg.save_every == 0 or step == run.steps:
+            last_ckpt = checkpoint(step) or last_ckpt
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != run.steps and run.dd.main:
+            results = evaluate(step)
+            if bar is not None:
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.1f}" for k, (v, _) in results.items()))
+        if run.dd.world > 1 and (step % cfg.save_every == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
+            dist.barrier()  # keep ranks together while rank 0 writes or evaluates
+        if cfg.hang_after is not None and step >= cfg.hang_after:
+            while True:  # the resume test SIGKILLs us here, mid-run, with steps logged past the checkpoint
+                time.sleep(1)
+    if bar is not None:
+        bar.close()
+    if step == run.steps and run.dd.main:
+        results = _final_evaluation(evaluate, step, last_ckpt)
+    if log is not None:
+        log.close()
+    if run.dd.world > 1:
+        dist.barrier()
+    return {"step": step, "loss": loss_value, "eval": results, "checkpoint": str(last_ckpt) if last_ckpt else None}
+
+
+# ------------------------------------------------------------------------------------------------------ set-up
+@dataclass
+class _Run:
+    """What :func:`_setup_run` builds and the steps of :func:`train` share."""
+
+    cfg: TrainConfig
+    device: str
+    dd: _Dist
+    precision: str  # "fp32" or "bf16"
+    autocast: contextlib.AbstractContextManager
+    out_dir: Path
+    ckpt_dir: Path
+    model: LlipModel
+    net: torch.nn.Module  # the model, or its DDP / compiled wrapper: what the forward pass runs through
+    lr: float
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    scheduler: WarmupCosine
+    tokenizer: Callable
+    kind: str  # data_kind(cfg.data): "builtin", "csv" or "wds"
+    data: TrainData
+    steps: int  # total optimiser steps
+    start_step: int  # 0, or the step of the checkpoint resumed from
+    resumed: bool
+
+
+def _setup_run(cfg: TrainConfig) -> _Run:
+    """Everything a run needs before its first step, in an order that matters: the seed before the model is
+    created (the initial weights depend on it), and a resumed run's saved RNG state restored last, after everything
+    that might draw random numbers, so that it continues bitwise like an uninterrupted run."""
+    import llip
+    from llip.data import data_kind
 
     device = _pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dd = _setup_distributed(device)
@@ -132,7 +210,39 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"precision must be fp32, bf16 or auto, got {cfg.precision!r}")
     out_dir, ckpt_dir = Path(cfg.output), Path(cfg.output) / "checkpoints"
 
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # before the model: its initial weights depend on it
+    model, optimizer, scaler, lr = _build_model(cfg, device)
+    tokenizer = llip.get_tokenizer(context_length=model.context_length)
+    # Built-in scenes are drawn at the model's size and carry their own variety: no random crop (it would
+    # also cut objects out and falsify captions); real data gets the training augmentation.
+    kind = data_kind(cfg.data)
+    transform = llip.image_transform(model.image_size, train=kind != "builtin")
+    state = _load_resume_state(cfg, ckpt_dir, model, optimizer, scaler)
+    start_step = state["step"] if state is not None else 0
+
+    data = _build_data(cfg, model, transform, tokenizer, dd, start_step)
+    steps = total_steps(cfg, data.length)
+    scheduler = WarmupCosine(optimizer, warmup=min(cfg.warmup, steps), total=steps)
+    if state is not None:
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])  # last, after everything that might draw random numbers
+
+    net = _wrap_model(model, cfg, dd, device)
+    autocast = (
+        torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    )
+    return _Run(
+        cfg=cfg, device=device, dd=dd, precision=precision, autocast=autocast, out_dir=out_dir, ckpt_dir=ckpt_dir,
+        model=model, net=net, lr=lr, optimizer=optimizer, scaler=scaler, scheduler=scheduler, tokenizer=tokenizer,
+        kind=kind, data=data, steps=steps, start_step=start_step, resumed=state is not None,
+    )  # fmt: skip
+
+
+def _build_model(cfg: TrainConfig, device: str) -> tuple[LlipModel, torch.optim.Optimizer, torch.amp.GradScaler, float]:
+    """The model on ``device``, its AdamW optimiser (the recipe's betas and eps), the (disabled) grad scaler and
+    the peak learning rate."""
+    import llip
+
     model = llip.create_model(cfg.model, **cfg.overrides).to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -141,22 +251,30 @@ def train(cfg: TrainConfig) -> dict:
         model.param_groups(cfg.weight_decay), lr=lr, betas=(0.9, 0.95), eps=1e-6, weight_decay=cfg.weight_decay
     )
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=False)  # bf16 needs no loss scaling
-    tokenizer = llip.get_tokenizer(context_length=model.context_length)
-    # Built-in scenes are drawn at the model's size and carry their own variety: no random crop (it would
-    # also cut objects out and falsify captions); real data gets the training augmentation.
-    kind = data_kind(cfg.data)
-    transform = llip.image_transform(model.image_size, train=kind != "builtin")
+    return model, optimizer, scaler, lr
 
-    start_step = 0
+
+def _load_resume_state(
+    cfg: TrainConfig, ckpt_dir: Path, model: LlipModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> dict | None:
+    """The checkpoint ``cfg.resume`` points at, with the model, optimiser and scaler already restored from it;
+    None when not resuming. The scheduler and the RNG state are restored later, by the caller."""
     resume_path = find_resume(cfg.resume, ckpt_dir) if cfg.resume else None
     state = load_checkpoint(resume_path) if resume_path else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start_step = state["step"]
+    return state
 
-    data = build_train_loader(
+
+def _build_data(
+    cfg: TrainConfig, model: LlipModel, transform: Callable, tokenizer: Callable, dd: _Dist, start_step: int
+) -> TrainData:
+    """This rank's share of the global batches, from ``start_step`` on (step ``s`` always gets the same samples)."""
+    from llip.data import build_train_loader
+
+    return build_train_loader(
         cfg.data,
         image_size=model.image_size,
         transform=transform,
@@ -169,171 +287,233 @@ def train(cfg: TrainConfig) -> dict:
         workers=cfg.workers,
         builtin_length=cfg.builtin_length,
     )
-    steps = total_steps(cfg, data.length)
-    scheduler = WarmupCosine(optimizer, warmup=min(cfg.warmup, steps), total=steps)
-    if state is not None:
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])  # last, after everything that might draw random numbers
 
+
+def _wrap_model(model: LlipModel, cfg: TrainConfig, dd: _Dist, device: str) -> torch.nn.Module:
+    """What the forward pass runs through: the model itself, in DDP across ranks, compiled on request. The loss,
+    the optimiser and the checkpoints keep using the bare model."""
     net = model
     if dd.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dd.local_rank] if device != "cpu" else None)
     if cfg.compile:
         net = torch.compile(net)
+    return net
 
-    log = MetricsLog(out_dir, tensorboard=cfg.tensorboard) if dd.main else None
-    evalset = None
-    if dd.main:
-        log.truncate_after(start_step)
-        (out_dir / "config.json").write_text(
-            json.dumps(
-                {
-                    "train": dataclasses.asdict(cfg),
-                    "model": dataclasses.asdict(model.config),
-                    "precision": precision,
-                    "device": device,
-                    "world": dd.world,
-                    "data": data.description,
-                },
-                indent=2,
-            )
+
+def _open_log(run: _Run) -> MetricsLog | None:
+    """Rank 0's metrics log (None on other ranks), cut back to the resumed step so the file reads as one
+    uninterrupted run, and the run's ``config.json`` next to it."""
+    if not run.dd.main:
+        return None
+    log = MetricsLog(run.out_dir, tensorboard=run.cfg.tensorboard)  # creates the run folder
+    log.truncate_after(run.start_step)
+    _write_run_config(run)
+    return log
+
+
+def _write_run_config(run: _Run) -> None:
+    """``<output>/config.json``: the train and model configs and how the run was actually placed (precision,
+    device, world size, data), so a run folder says what produced it."""
+    (run.out_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "train": dataclasses.asdict(run.cfg),
+                "model": dataclasses.asdict(run.model.config),
+                "precision": run.precision,
+                "device": run.device,
+                "world": run.dd.world,
+                "data": run.data.description,
+            },
+            indent=2,
         )
+    )
 
-    def run_eval(step: int) -> dict:
+
+def _make_evaluator(run: _Run, log: MetricsLog | None) -> Callable[[int], dict]:
+    """``evaluate(step) -> {metric: (result, chance)}`` on the built-in validation scenes, logged under ``eval``
+    (rank 0 only); ``{}`` for other data. The validation set is drawn on first use, not before it is needed."""
+    import llip
+    from llip.data import builtin
+
+    from .evaluate import evaluate_builtin
+
+    evalset = None
+
+    def evaluate(step: int) -> dict:
         nonlocal evalset
-        if kind != "builtin":
+        if run.kind != "builtin":
             return {}
         if evalset is None:
-            eval_tf = llip.image_transform(model.image_size, train=False)
-            evalset = builtin.eval_set(model.image_size, eval_tf, tokenizer, n_images=cfg.eval_images)
-        results = evaluate_builtin(model, evalset, tokenizer, backend=cfg.backend)
+            eval_tf = llip.image_transform(run.model.image_size, train=False)
+            evalset = builtin.eval_set(run.model.image_size, eval_tf, run.tokenizer, n_images=run.cfg.eval_images)
+        results = evaluate_builtin(run.model, evalset, run.tokenizer, backend=run.cfg.backend)
         log.log({"step": step, **{k: v for k, (v, _) in results.items()}}, prefix="eval")
         return results
 
+    return evaluate
+
+
+def _make_checkpointer(run: _Run) -> Callable[[int], Path | None]:
+    """``checkpoint(step) -> path``: rank 0 saves everything an exact resume needs (model, optimiser, scheduler,
+    scaler, RNG state, configs), keeping the newest ``cfg.keep``; other ranks save nothing and get None."""
+
     def checkpoint(step: int) -> Path | None:
-        if not dd.main:
+        if not run.dd.main:
             return None
         return save_checkpoint(
             {
                 "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict(),
                 "rng": rng_state(),
-                "config": dataclasses.asdict(cfg),
-                "model_config": dataclasses.asdict(model.config),
+                "config": dataclasses.asdict(run.cfg),
+                "model_config": dataclasses.asdict(run.model.config),
             },
-            ckpt_dir,
+            run.ckpt_dir,
             step,
-            cfg.keep,
+            run.cfg.keep,
         )
 
-    autocast = (
-        torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    return checkpoint
+
+
+def _announce(run: _Run) -> None:
+    """Rank 0 prints one line saying what is about to train, where, and from which step."""
+    if not run.dd.main:
+        return
+    cfg = run.cfg
+    print(
+        f"llip: {cfg.model} on {run.data.description}, {run.steps} steps of {cfg.batch_size}, {run.precision}, "
+        f"{run.device}, world {run.dd.world}, lr {run.lr:g}, output {run.out_dir}"
+        + (f", resumed from step {run.start_step}" if run.resumed else "")
     )
-    if dd.main:
-        print(
-            f"llip: {cfg.model} on {data.description}, {steps} steps of {cfg.batch_size}, {precision}, {device}, "
-            f"world {dd.world}, lr {lr:g}, output {out_dir}" + (f", resumed from step {start_step}" if state else "")
+
+
+def _progress_bar(run: _Run):
+    """Rank 0's tqdm bar (starting at the resumed step), or None without ``cfg.progress`` and on other ranks."""
+    if not (run.dd.main and run.cfg.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.steps, initial=run.start_step, desc=f"train {run.cfg.model}", unit="step", dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------------------ a step
+@dataclass
+class _StepDone:
+    """What one optimiser step reports for logging."""
+
+    loss: float  # averaged over ranks
+    logit_scale: torch.Tensor  # the multiplier t used in the forward pass (0-dim)
+    grad_norm: float | None  # before clipping; None without cfg.grad_clip
+    step_time: float  # seconds: forward, loss, backward and update
+
+
+def _next_batch(run: _Run, skipped: int) -> dict:
+    """The next batch of this rank's data stream; an endless stream that ends anyway has no readable samples."""
+    try:
+        return next(run.data.batches)
+    except StopIteration:
+        raise RuntimeError(
+            f"the data stream {run.cfg.data!r} ran dry (no readable samples?); skipped {skipped}"
+        ) from None
+
+
+def _train_step(run: _Run, batch: dict, step: int) -> _StepDone:
+    """One optimiser step on ``batch`` (``step`` steps already done): forward and loss, a finite check that every
+    rank agrees on, backward, optional gradient clipping, optimiser and scheduler step, logit-scale clamp.
+    Raises :class:`TrainingDiverged` before touching the weights if the loss is NaN or infinite."""
+    cfg, model, optimizer, scaler = run.cfg, run.model, run.optimizer, run.scaler
+    images = batch["images"].to(run.device, non_blocking=True)
+    tokens = batch["tokens"].to(run.device, non_blocking=True)
+    t0 = time.perf_counter()
+    loss, out = compute_loss(run.net, model, images, tokens, backend=cfg.backend, autocast=run.autocast)
+    # Every rank must agree to stop, or the others would hang in the next collective.
+    report = loss.detach().float().reshape(1).clone()
+    if run.dd.world > 1:
+        dist.all_reduce(report)
+        report /= run.dd.world
+    loss_value = float(report)
+    if not math.isfinite(loss_value):
+        raise TrainingDiverged(
+            f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint is kept in "
+            f"{run.ckpt_dir} (resume with --resume auto, perhaps with a lower --lr or --grad-clip)."
         )
-    bar = None
-    if dd.main and cfg.progress:
-        from tqdm import tqdm
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    grad_norm = None
+    if cfg.grad_clip:
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    scaler.step(optimizer)
+    scaler.update()
+    run.scheduler.step()
+    model.clamp_logit_scale()
+    return _StepDone(loss_value, out["logit_scale"], grad_norm, time.perf_counter() - t0)
 
-        bar = tqdm(total=steps, initial=start_step, desc=f"train {cfg.model}", unit="step", dynamic_ncols=True)
 
-    model.train()
-    skipped, loss_value, last_ckpt, results = 0, float("nan"), None, {}
-    t_last, n_since = None, 0
-    step = start_step
-    while step < steps:
-        try:
-            batch = next(data.batches)
-        except StopIteration:
-            raise RuntimeError(
-                f"the data stream {cfg.data!r} ran dry (no readable samples?); skipped {skipped}"
-            ) from None
-        skipped += batch["skipped"]
-        images = batch["images"].to(device, non_blocking=True)
-        tokens = batch["tokens"].to(device, non_blocking=True)
-        t0 = time.perf_counter()
-        loss, out = compute_loss(net, model, images, tokens, backend=cfg.backend, autocast=autocast)
-        # Every rank must agree to stop, or the others would hang in the next collective.
-        report = loss.detach().float().reshape(1).clone()
-        if dd.world > 1:
-            dist.all_reduce(report)
-            report /= dd.world
-        loss_value = float(report)
-        if not math.isfinite(loss_value):
-            msg = (
-                f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint is kept in "
-                f"{ckpt_dir} (resume with --resume auto, perhaps with a lower --lr or --grad-clip)."
-            )
-            if bar is not None:
-                bar.close()
-            raise TrainingDiverged(msg)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        grad_norm = None
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        model.clamp_logit_scale()
-        step += 1
-        step_time = time.perf_counter() - t0
-        n_since += 1
+@dataclass
+class _Throughput:
+    """Samples per second over the steps since the last measurement, measured every ``log_every`` steps."""
 
-        if dd.main:
-            record = {
-                "step": step,
-                "loss": loss_value,
-                "lr": optimizer.param_groups[0]["lr"],
-                "logit_scale": float(out["logit_scale"].detach()),
-                "step_time": step_time,
-                "skipped": skipped,
-            }
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
-            if t_last is None:  # the first step includes start-up (workers, allocations): not measured
-                t_last, n_since = time.perf_counter(), 0
-            elif step % cfg.log_every == 0 or step == steps:
-                now = time.perf_counter()
-                record["samples_per_s"] = n_since * cfg.batch_size / (now - t_last)
-                t_last, n_since = now, 0
-            log.log(record)
-            if bar is not None:
-                post = {"loss": f"{loss_value:.4f}"}
-                if "samples_per_s" in record:
-                    post["samples/s"] = f"{record['samples_per_s']:.0f}"
-                if skipped:
-                    post["skipped"] = skipped
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-        if step % cfg.save_every == 0 or step == steps:
-            last_ckpt = checkpoint(step) or last_ckpt
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != steps and dd.main:
-            results = run_eval(step)
-            if bar is not None:
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.1f}" for k, (v, _) in results.items()))
-        if dd.world > 1 and (step % cfg.save_every == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
-            dist.barrier()  # keep ranks together while rank 0 writes or evaluates
-        if cfg.hang_after is not None and step >= cfg.hang_after:
-            while True:  # the resume test SIGKILLs us here, mid-run, with steps logged past the checkpoint
-                time.sleep(1)
+    batch_size: int
+    t_last: float | None = None
+    n_since: int = 0
+
+    def measure(self, due: bool) -> float | None:
+        """Count one more step; the rate when ``due`` (else None). The first step includes start-up (workers,
+        allocations): it only starts the clock and is not measured."""
+        self.n_since += 1
+        if self.t_last is None:
+            self.t_last, self.n_since = time.perf_counter(), 0
+            return None
+        if not due:
+            return None
+        now = time.perf_counter()
+        rate = self.n_since * self.batch_size / (now - self.t_last)
+        self.t_last, self.n_since = now, 0
+        return rate
+
+
+def _log_step(
+    run: _Run, log: MetricsLog, bar, throughput: _Throughput, step: int, done: _StepDone, skipped: int
+) -> None:
+    """Rank 0: the step's metrics record (``samples_per_s`` every ``log_every`` steps and at the end) and the
+    progress bar's postfix."""
+    record = {
+        "step": step,
+        "loss": done.loss,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "logit_scale": float(done.logit_scale.detach()),
+        "step_time": done.step_time,
+        "skipped": skipped,
+    }
+    if done.grad_norm is not None:
+        record["grad_norm"] = done.grad_norm
+    rate = throughput.measure(step % run.cfg.log_every == 0 or step == run.steps)
+    if rate is not None:
+        record["samples_per_s"] = rate
+    log.log(record)
     if bar is not None:
-        bar.close()
-    if step == steps and dd.main:
-        results = run_eval(step)
-        if results:
-            print(format_table(results))
-        if last_ckpt is not None:
-            print(f"checkpoint: {last_ckpt}")
-    if log is not None:
-        log.close()
-    if dd.world > 1:
-        dist.barrier()
-    return {"step": step, "loss": loss_value, "eval": results, "checkpoint": str(last_ckpt) if last_ckpt else None}
+        post = {"loss": f"{done.loss:.4f}"}
+        if "samples_per_s" in record:
+            post["samples/s"] = f"{record['samples_per_s']:.0f}"
+        if skipped:
+            post["skipped"] = skipped
+        bar.set_postfix(post, refresh=False)
+        bar.update(1)
+
+
+# ----------------------------------------------------------------------------------------------------- the end
+def _final_evaluation(evaluate: Callable[[int], dict], step: int, last_ckpt: Path | None) -> dict:
+    """Rank 0 at the end of the run: evaluate, print the results table and the last checkpoint's path."""
+    from .evaluate import format_table
+
+    results = evaluate(step)
+    if results:
+        print(format_table(results))
+    if last_ckpt is not None:
+        print(f"checkpoint: {last_ckpt}")
+    return results

@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warm-up, then cosine to zero (SPEC section 2)."""
+"""Learning-rate schedule: linear warm-up, then cosine to zero (docs/design.md section 2)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 // Host emulation of the CUDA features llip_kernels.cu uses, for testing the kernels' own source on a machine
-// without a GPU (tests/test_cuda_host_emulation.py). Compile the .cu as C++ with -DLLIP_HOST_EMULATION; never
+// without a GPU (tests/kernels/test_cuda_host_emulation.py). Compile the .cu as C++ with -DLLIP_HOST_EMULATION; never
 // part of the real extension.
 //
 // Model: blocks run one after another; the threads of a block are real std::threads meeting at std::barrier for

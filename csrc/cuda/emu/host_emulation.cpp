@@ -1,5 +1,5 @@
 // Tests only: llip_kernels.cu compiled for host threads (emu/cuda_host_emu.h), with a C interface for ctypes.
-// Built and driven by tests/test_cuda_host_emulation.py; never part of the extension.
+// Built and driven by tests/kernels/test_cuda_host_emulation.py; never part of the extension.
 #define LLIP_HOST_EMULATION 1
 #include "../llip_kernels.cu"
 

@@ -1,0 +1,290 @@
+"""Backend "cpu" (the fused C++ kernel, llip_kernels/backends/cpu.py + csrc/cpu/) against the fp64 reference.
+
+Every check goes through ``check_op_against_reference`` (docs/design.md section 6: output and every input gradient
+within 2x the same-dtype torch error + a floor). The first test to run builds the extension (about 10-60 s).
+"""
+
+import os
+
+import pytest
+import torch
+
+import llip_kernels as lk
+from llip_kernels import _build, dispatch, settings
+from llip_kernels._validate import LlipProblem
+from llip_kernels.backends import cpu as cpu_backend
+from llip_kernels.testing import (
+    KINDS,
+    check_op_against_reference,
+    make_llip_inputs,
+    record_allocations,
+    run_op,
+)
+
+_why = cpu_backend.environment_reasons()
+pytestmark = pytest.mark.skipif(bool(_why), reason="cpu backend unavailable: " + "; ".join(_why))
+
+OPS = ("logits", "sigmoid_loss", "softmax_loss")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Force many ragged tiles (3 images x 8 texts) and backward passes of 16 texts so the cross-tile paths run:
+    the online log-sum-exps, gradient accumulation across tiles and passes, and the diagonal / positive pairs
+    that fall on tile edges."""
+    monkeypatch.setattr(cpu_backend, "tile_sizes", lambda Bi, Bt, H, K: (min(Bi, 3), min(Bt, 8)))
+    monkeypatch.setattr(cpu_backend, "TEXTS_PER_PASS", 16)  # the backward takes the texts in passes of 2 tiles
+
+
+def _inputs(op, Bi, Bt, H, K, d, **kw):
+    return make_llip_inputs(Bi, Bi if op == "softmax_loss" else Bt, H, K, d, **kw)
+
+
+# Shapes: Bi != Bt and primes (no tile divides them), d not a power of two, K = 1 (softmax is the identity,
+# the gradient through it is zero), K = 64 / 65 (the largest paper K and one past it).
+SHAPES = [
+    pytest.param((7, 33, 2, 5, 48), id="Bi7-Bt33-H2-K5-d48"),
+    pytest.param((5, 3, 3, 1, 48), id="Bi5-Bt3-H3-K1-d48"),
+    pytest.param((3, 11, 1, 64, 96), id="Bi3-Bt11-H1-K64-d96"),
+    pytest.param((4, 7, 2, 65, 48), id="Bi4-Bt7-H2-K65-d48"),
+]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_odd_shapes_fp32(op, shape):
+    check_op_against_reference(op, _inputs(op, *shape), "cpu", pos_offset=0)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_adversarial_kinds_fp32(op, kind, small_tiles):
+    check_op_against_reference(op, _inputs(op, 9, 13, 2, 5, 48, kind=kind, seed=3), "cpu", pos_offset=1)
+
+
+@pytest.mark.parametrize("pos_offset", [0, 3, -2, None])
+def test_sigmoid_pos_offsets(pos_offset, small_tiles):
+    # 11 x 17 on 3 x 8 tiles: positives cross tile edges; offset -2 leaves images 0-1 without a positive.
+    x = make_llip_inputs(11, 17, 2, 4, 48, kind="large_scale", seed=5)
+    check_op_against_reference("sigmoid_loss", x, "cpu", pos_offset=pos_offset)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("kind", ["gaussian", "peaked", "non_unit"])
+def test_bf16(op, kind):
+    check_op_against_reference(op, _inputs(op, 7, 12, 2, 5, 48, kind=kind, dtype=torch.bfloat16), "cpu")
+
+
+def test_fp16_upcast():
+    check_op_against_reference("sigmoid_loss", make_llip_inputs(6, 9, 2, 3, 48, dtype=torch.float16), "cpu")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_multi_tile_matches_single_tile(op, small_tiles):
+    # The same call on 3 x 8 tiles must agree with the fp64 reference too (ragged last tiles: 10 = 3+3+3+1).
+    check_op_against_reference(op, _inputs(op, 10, 19, 2, 6, 48, seed=7), "cpu", pos_offset=2)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("op", OPS)
+def test_bitwise_deterministic(op, threads, small_tiles, monkeypatch):
+    monkeypatch.setenv(settings.CPU_THREADS, threads)
+    x = _inputs(op, 10, 19, 2, 6, 48, seed=11)
+    first = run_op(op, x, "cpu", pos_offset=1)
+    second = run_op(op, x.to(torch.float32), "cpu", pos_offset=1)
+    assert torch.equal(first.out, second.out)
+    for name, g in first.grads.items():
+        assert torch.equal(g, second.grads[name]), f"d{name} differs between two identical calls"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_two_threads(op, small_tiles, monkeypatch):
+    # Image blocks spread over 2 threads: per-thread scratch and the per-thread partial sums (dQ, dU, dM, the
+    # loss rows, the softmax column statistics) merged in thread order, so still bitwise repeatable.
+    monkeypatch.setenv(settings.CPU_THREADS, "2")
+    x = _inputs(op, 10, 19, 2, 6, 48, seed=13)
+    check_op_against_reference(op, x, "cpu", pos_offset=1)
+    first, second = (run_op(op, x.to(torch.float32), "cpu", pos_offset=1) for _ in range(2))
+    assert torch.equal(first.out, second.out)
+    for name, g in first.grads.items():
+        assert torch.equal(g, second.grads[name]), f"d{name} differs between two identical calls"
+
+
+@pytest.mark.parametrize("pos_offset", [1, None])
+def test_fused_sigmoid_sweep_matches_forward_then_backward(pos_offset, small_tiles):
+    """The training path (loss and gradients in one sweep, scaled by the cotangent afterwards) against the
+    forward-only op followed by its own recomputing backward op, for a cotangent that is not 1."""
+    x = make_llip_inputs(10, 19, 2, 6, 48, kind="large_scale", seed=17)
+    leaves = list(cpu_backend._prepare(x.k, x.v, x.q, x.y, x.w_out))
+    k, v, q, u, m = (a.detach().requires_grad_() for a in leaves[:5])
+    t, b = x.t.detach().requires_grad_(), x.b.detach().requires_grad_()
+    args = (k, v, q, u, m, t, b, x.tau, pos_offset, 3, 8)
+    cotangent = torch.tensor(0.37)
+    fused = torch.ops.llip_kernels.cpu_sigmoid_loss_fused(*args)[0]
+    fused_grads = torch.autograd.grad(fused, (k, v, q, u, m, t, b), cotangent)
+    plain = torch.ops.llip_kernels.cpu_sigmoid_loss(*args)
+    plain_grads = torch.autograd.grad(plain, (k, v, q, u, m, t, b), cotangent)
+    assert torch.equal(fused, plain), "the sweep's loss must be the forward's, bit for bit"
+    for name, a, e in zip(["k", "v", "q", "u", "m", "t", "b"], fused_grads, plain_grads):
+        # Same algebra; only where the cotangent multiplies in (per pair in double, or once at the end) differs.
+        scale = float(e.abs().max())
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * scale, msg=lambda s, n=name: f"d{n}: {s}")
+
+
+def test_public_function_takes_the_fused_sweep_only_for_training(monkeypatch):
+    x = make_llip_inputs(6, 9, 2, 3, 16, seed=8)
+    args = (x.k, x.v, x.q, x.y, x.w_out, x.t, x.b)
+    calls = []
+    real = cpu_backend.cpu_sigmoid_loss_fused
+    monkeypatch.setattr(cpu_backend, "cpu_sigmoid_loss_fused", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():  # no gradient wanted: the forward-only op, whose loss matches the reference
+        torch.testing.assert_close(
+            lk.llip_sigmoid_loss(*args, tau=x.tau, backend="cpu"),
+            lk.llip_sigmoid_loss(*args, tau=x.tau, backend="reference"),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert not calls, "a no-grad call must not pay for the gradients"
+    lk.llip_sigmoid_loss(*args, tau=x.tau, backend="cpu").backward()
+    assert calls == [1], "a training call must take the fused sweep"
+
+
+def test_fused_sweep_refuses_second_derivatives():
+    x = make_llip_inputs(4, 5, 2, 3, 16, seed=9)
+    loss = lk.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau, backend="cpu")
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss, x.k, create_graph=True)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_no_large_allocations(op):
+    # H*K = 3 and D = 8 keep every O(Bi) / O(Bt) tensor (k, v: [64, 1, 3, 8])
+    # below Bi*Bt, so any tensor that large could only be a materialised score matrix.
+    Bi = Bt = 64
+    x = make_llip_inputs(Bi, Bt, 1, 3, 8)
+    with record_allocations() as rec:
+        run_op(op, x, "cpu")
+    limit = Bi * Bt * 3 if op == "logits" else Bi * Bt
+    big = [a for a in rec.at_least(limit) if not (op == "logits" and a.shape == (Bi, Bt))]
+    assert not big, f"allocations of >= {limit} elements: {big[:5]}"
+    assert rec.allocations, "the recorder saw nothing: the test would pass vacuously"
+
+
+def test_workspace_is_bounded():
+    # The C++ scratch (invisible to record_allocations) is fixed by the tile sizes, not by the batch.
+    ws = cpu_backend.workspace_floats(1024, 1024, 8, 32)
+    assert ws == cpu_backend.workspace_floats(4096, 4096, 8, 32)
+    assert ws < 1024 * 1024 * 32 / 8
+
+
+def test_opcheck():
+    ops = torch.ops.llip_kernels
+    x = make_llip_inputs(5, 7, 2, 3, 8, seed=2)
+    k, v, q, u, m, _, _ = (
+        a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
+        for a in cpu_backend._prepare(x.k, x.v, x.q, x.y, x.w_out)
+    )
+    t, b = x.t.detach().requires_grad_(), x.b.detach().requires_grad_()
+    torch.library.opcheck(ops.cpu_cos, (k, v, q, u, m, 2.0, 2, 4))
+    torch.library.opcheck(ops.cpu_sigmoid_loss, (k, v, q, u, m, t, b, 2.0, 1, 2, 4))
+    torch.library.opcheck(ops.cpu_sigmoid_loss, (k, v, q, u, m, t, b, 2.0, None, 2, 4))
+    torch.library.opcheck(ops.cpu_sigmoid_loss_fused, (k, v, q, u, m, t, b, 2.0, 1, 2, 4))
+    x = make_llip_inputs(5, 5, 2, 3, 8, seed=2)
+    k, v, q, u, m, _, _ = (
+        a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
+        for a in cpu_backend._prepare(x.k, x.v, x.q, x.y, x.w_out)
+    )
+    torch.library.opcheck(ops.cpu_softmax_loss, (k, v, q, u, m, t, 2.0, 2, 4))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_torch_compile_fullgraph(op):
+    x = _inputs(op, 6, 9, 2, 3, 16, seed=4)
+
+    def f(k, v, q, y, w_out, t, b):
+        if op == "logits":
+            return lk.llip_logits(k, v, q, y, w_out, tau=x.tau, logit_scale=t, logit_bias=b, backend="cpu").sum()
+        if op == "sigmoid_loss":
+            return lk.llip_sigmoid_loss(k, v, q, y, w_out, t, b, tau=x.tau, backend="cpu")
+        return lk.llip_softmax_loss(k, v, q, y, w_out, t, tau=x.tau, backend="cpu") + 0 * b
+
+    args = list(x.tensors().values())
+    eager = f(*args)
+    eager_grads = torch.autograd.grad(eager, args)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(*args)
+    grads = torch.autograd.grad(out, args)
+    torch.testing.assert_close(out, eager)
+    for a, e in zip(grads, eager_grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_refuses_huge_hk_with_reason():
+    p = LlipProblem("sigmoid_loss", 4, 4, 2, 600, 8, torch.float32, torch.device("cpu"), 1.0, True)
+    why = cpu_backend.not_supported_reasons(p)
+    assert any("H*K" in w for w in why)
+
+
+def test_bad_input_raises_shared_validation_error():
+    x = make_llip_inputs(3, 4, 2, 3, 8)
+    with pytest.raises(TypeError, match="w_out has dtype"):
+        lk.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out.double(), x.t, x.b, tau=1.0, backend="cpu")
+
+
+def test_missing_compiler_gives_reason_and_falls_back(monkeypatch, tmp_path):
+    # A build under another name with $CXX pointing nowhere: the reason names the compiler, backend="cpu" raises
+    # it, and automatic dispatch falls through to the next CPU backend.
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    monkeypatch.setenv(settings.CACHE, str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_backend, "EXT_NAME", "llip_cpu_ext_missing_compiler_test")
+    monkeypatch.delitem(_build._results, cpu_backend.EXT_NAME, raising=False)
+    x = make_llip_inputs(4, 5, 2, 3, 8)
+    problem = lk._validate.check_llip_inputs("sigmoid_loss", x.k, x.v, x.q, x.y, x.w_out, tau=x.tau)
+    why = cpu_backend.not_supported_reasons(problem)
+    assert len(why) == 1 and "no C++ compiler" in why[0] and "no-such-c++" in why[0]
+    assert cpu_backend.environment_reasons() == why  # remembered, not retried
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        lk.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau, backend="cpu")
+    chosen = dispatch.select_backend(problem, None)
+    assert chosen is not cpu_backend
+    loss = lk.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau)
+    ref = lk.llip_sigmoid_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau, backend="reference")
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+
+
+def _problem(Bi, H, K, d, requires_grad):
+    return LlipProblem("sigmoid_loss", Bi, Bi, H, K, d, torch.float32, torch.device("cpu"), 5.0, requires_grad)
+
+
+@pytest.mark.parametrize(
+    ("shape", "grad", "expected"),
+    [
+        ((128, 8, 64, 64), True, "torch"),  # B/32 head, small batch: form 1 beats form 3 (measured 1.17x)
+        ((128, 8, 64, 64), False, "torch"),  # ... forward only (measured 1.75x)
+        ((128, 8, 32, 64), False, "cpu"),  # B/16 forward at 128: form 2 has ~the FLOPs, the kernel wins (1.25x)
+        ((128, 8, 32, 64), True, "cpu"),  # ... and the fused training sweep more so (measured 1.85x)
+        ((256, 8, 64, 160), True, "cpu"),  # G/14 head (measured 1.9x)
+        ((128, 4, 8, 32), False, "cpu"),  # the llip-tiny head: both in form 3, the fused kernel wins (measured 4.7x)
+    ],
+)
+def test_automatic_choice_follows_the_measured_rule(shape, grad, expected):
+    chosen = dispatch.select_backend(_problem(*shape, grad), None)
+    assert chosen is dispatch.load_backend(expected)
+    # An explicit request is never overridden by the speed rule.
+    assert dispatch.select_backend(_problem(*shape, grad), "cpu") is cpu_backend
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores")
+def test_kernel_really_runs_on_several_threads():
+    # The extension was once built without -fopenmp: at::parallel_for then ran every image block on one thread
+    # whatever the thread count (2x slower on 2 cores, and nothing failed). Count the threads a region gets.
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu_backend.extension().parallel_width(64) == 2
+        # ... and exactly torch's count: a second OpenMP runtime in the process would ignore set_num_threads.
+        torch.set_num_threads(1)
+        assert cpu_backend.extension().parallel_width(64) == 1
+    finally:
+        torch.set_num_threads(previous)
