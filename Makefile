@@ -8,9 +8,10 @@ export HF_HUB_OFFLINE := 1
 setup:
 	@bash scripts/setup_env.sh
 
-# The main job: train llip-tiny on the built-in dataset (about five minutes on 2 CPU cores).
+# The main job: train llip-tiny on the built-in dataset (about five minutes on 2 CPU cores). ARGS passes options,
+# e.g. `make train ARGS=--overwrite` to replace an earlier run in runs/llip-tiny, or ARGS="--resume auto".
 train: setup
-	$(VENV)/bin/llip train
+	$(VENV)/bin/llip train $(ARGS)
 
 # The test suite (what CI runs). Triton kernels run under the interpreter on CPU.
 test: setup

@@ -11,9 +11,42 @@ import ast
 import json
 import sys
 
+from llip_kernels.dispatch import BACKEND_MODULES
+
+from .errors import UsageError, error_line
 from .train.loop import TrainConfig
 
+BACKENDS = ("auto", *BACKEND_MODULES)
 MAIN_JOB = "llip-tiny on the built-in scenes: 800 steps of 128 on CPU (about five minutes on two cores)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line, ``llip <command>: error: ...`` (exit 2), like every other error
+    of the command; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, low: float, what: str):
+    """An argparse type: a ``kind`` (int or float) of at least ``low``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, 1, "a positive integer")
+COUNT = _number(int, 0, "an integer >= 0")
+POSITIVE_FLOAT = _number(float, 1e-300, "a positive number")
+NONNEGATIVE_FLOAT = _number(float, 0.0, "a number >= 0")
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -49,21 +82,30 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
         help="'builtin' (default: procedurally drawn scenes, no download), webdataset tar shards "
         "('shards/{000..009}.tar') or a .csv/.tsv of image path + caption",
     )
-    g.add_argument("--workers", type=int, default=defaults.workers, help="data loader processes (default %(default)s)")
+    g.add_argument(
+        "--workers", type=COUNT, default=defaults.workers, help="data loader processes (default %(default)s)"
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--batch-size",
-        type=int,
+        type=POSITIVE_INT,
         default=defaults.batch_size,
         help="global batch size, split across ranks (default %(default)s)",
     )
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimiser steps (default 800)")
-    length.add_argument("--epochs", type=float, default=None, help="epochs over map-style data instead of --steps")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model config's)")
-    g.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warm-up steps (default %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW decay (default 0.2)")
-    g.add_argument("--grad-clip", type=float, default=None, metavar="NORM", help="clip the gradient norm")
+    length.add_argument("--steps", type=POSITIVE_INT, default=None, help="optimiser steps (default 800)")
+    length.add_argument(
+        "--epochs", type=POSITIVE_FLOAT, default=None, help="epochs over map-style data instead of --steps"
+    )
+    g.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="peak learning rate (default: the model config's)")
+    g.add_argument(
+        "--warmup",
+        type=COUNT,
+        default=defaults.warmup,
+        help="linear warm-up steps (default: 10%% of the run, at most 2000)",
+    )
+    g.add_argument("--weight-decay", type=NONNEGATIVE_FLOAT, default=defaults.weight_decay, help="AdamW decay (0.2)")
+    g.add_argument("--grad-clip", type=POSITIVE_FLOAT, default=None, metavar="NORM", help="clip the gradient norm")
     g = p.add_argument_group("execution")
     g.add_argument(
         "--precision",
@@ -71,7 +113,7 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
         default=defaults.precision,
         help="auto: bf16 autocast on CUDA, fp32 on CPU",
     )
-    g.add_argument("--backend", default=None, help="llip_kernels backend (default: automatic)")
+    g.add_argument("--backend", default=None, choices=BACKENDS, help="llip_kernels backend (default: automatic)")
     g.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -84,21 +126,27 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
         metavar="CKPT|DIR|auto",
         help="continue from a checkpoint, the newest in a folder, or auto (newest in the run folder)",
     )
-    g.add_argument("--save-every", type=int, default=defaults.save_every, help="checkpoint period in steps")
-    g.add_argument("--keep", type=int, default=defaults.keep, help="checkpoints kept (default %(default)s)")
     g.add_argument(
-        "--eval-every", type=int, default=defaults.eval_every, help="evaluate every N steps (0: only at the end)"
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --output (its checkpoints, logs and config are removed first)",
+    )
+    g.add_argument("--save-every", type=POSITIVE_INT, default=defaults.save_every, help="checkpoint period in steps")
+    g.add_argument("--keep", type=COUNT, default=defaults.keep, help="checkpoints kept, 0: all (default %(default)s)")
+    g.add_argument(
+        "--eval-every", type=COUNT, default=defaults.eval_every, help="evaluate every N steps (0: only at the end)"
     )
     g.add_argument(
         "--eval-images",
-        type=int,
+        type=POSITIVE_INT,
         default=defaults.eval_images,
         help="built-in validation scenes used for evaluation (default %(default)s)",
     )
-    g.add_argument("--log-every", type=int, default=defaults.log_every, help="samples/s measurement period")
+    g.add_argument("--log-every", type=POSITIVE_INT, default=defaults.log_every, help="samples/s measurement period")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="JSONL metrics only")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--hang-after", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
+    g.add_argument("--hang-in-checkpoint", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
 
 
 def _config_from(args: argparse.Namespace) -> TrainConfig:
@@ -110,7 +158,7 @@ def _config_from(args: argparse.Namespace) -> TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llip",
         description="Llip (latent language image pretraining): train, evaluate, compare.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -130,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-shot and retrieval evaluation of a checkpoint on the built-in scenes.",
     )
     p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its newest checkpoint)")
-    p.add_argument("--eval-images", type=int, default=defaults.eval_images)
-    p.add_argument("--backend", default=None)
+    p.add_argument("--eval-images", type=POSITIVE_INT, default=defaults.eval_images)
+    p.add_argument("--backend", default=None, choices=BACKENDS)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -143,15 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--size", default="tiny", help="tower size: the models are clip-/siglip-/llip-<size>")
     p.add_argument("--kinds", default="clip,siglip,llip", help="comma-separated model kinds")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--warmup", type=int, default=60)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--steps", type=POSITIVE_INT, default=600)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=128)
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=None)
+    p.add_argument("--warmup", type=COUNT, default=60)
+    p.add_argument("--workers", type=COUNT, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-images", type=int, default=500)
+    p.add_argument("--eval-images", type=POSITIVE_INT, default=500)
     p.add_argument("--output", default="runs/compare")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--overwrite", action="store_true", help="replace runs already in --output")
 
     sub.add_parser("models", help="list the registered model names")
     return parser
@@ -159,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (UsageError, ValueError, OSError) as e:  # what the user can fix: one line, no traceback
+        print(f"llip {args.command}: error: {error_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llip {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "models":
         import llip
 
@@ -170,22 +230,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             train(_config_from(args))
         except TrainingDiverged as e:
-            print(f"llip train: {e}", file=sys.stderr)
-            return 2
-        except (FileNotFoundError, ValueError) as e:
             print(f"llip train: error: {e}", file=sys.stderr)
-            return 1
+            return 2
         return 0
     if args.command == "eval":
         from .train.evaluate import evaluate_checkpoint, format_table
 
-        try:
-            results = evaluate_checkpoint(
-                args.checkpoint, eval_images=args.eval_images, backend=args.backend, device=args.device
-            )
-        except (FileNotFoundError, ValueError) as e:
-            print(f"llip eval: error: {e}", file=sys.stderr)
-            return 1
+        results = evaluate_checkpoint(
+            args.checkpoint, eval_images=args.eval_images, backend=args.backend, device=args.device
+        )
         print(json.dumps(results, indent=2) if args.json else format_table(results))
         return 0
     if args.command == "compare":
@@ -203,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_images=args.eval_images,
             output=args.output,
             progress=args.progress,
+            overwrite=args.overwrite,
         )
         return 0
     raise AssertionError(args.command)

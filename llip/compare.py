@@ -37,8 +37,10 @@ def compare(
     eval_images: int = 500,
     output: str = "runs/compare",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Train each kind, write ``results.md``, ``results.json`` and ``compare.png`` under ``output``."""
+    """Train each kind, write ``results.md``, ``results.json`` and ``compare.png`` under ``output``. Runs already
+    in ``output`` are refused unless ``overwrite`` (see :mod:`llip.train.run_folder`)."""
     out = Path(output)
     rows = {}
     for kind in kinds:
@@ -57,6 +59,7 @@ def compare(
             keep=1,
             progress=progress,
             tensorboard=False,
+            overwrite=overwrite,
         )
         result = train(cfg)
         records = read_metrics(out / name)

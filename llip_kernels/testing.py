@@ -145,6 +145,30 @@ def check_rule(
         )
 
 
+def check_same_result(
+    name: str, ours: torch.Tensor, theirs: torch.Tensor, *, dtype: torch.dtype, terms: int, slack: float = 4.0
+) -> None:
+    """Two of our own computations of one quantity that differ only in the order of their sums (processes, thread
+    counts, code paths, atomics): ``max|ours - theirs| <= slack * eps(dtype) * (terms + 4) * max(|ours|, |theirs|)``.
+
+    That is the bound of a sum of ``terms`` rounded terms (plus a few roundings of the operations around it), relative
+    to the magnitude of the result, in the precision ``dtype`` the sums run in (docs/design.md section 6). Use it
+    where no float64 oracle is at hand; with one, :func:`check_rule` is sharper."""
+    if ours.shape != theirs.shape:
+        raise AssertionError(f"{name}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}")
+    if ours.numel() == 0:
+        return
+    a, b = ours.detach().double().cpu(), theirs.detach().double().cpu()
+    scale = max(a.abs().max().item(), b.abs().max().item())
+    bound = slack * torch.finfo(dtype).eps * (terms + 4) * scale
+    err = (a - b).abs().max().item()
+    if not err <= bound:
+        raise AssertionError(
+            f"{name}: max difference {err:.3e} > {bound:.3e} ({slack} x eps({dtype}) x {terms + 4} terms x magnitude "
+            f"{scale:.3e})"
+        )
+
+
 @dataclass
 class OpResult:
     out: torch.Tensor

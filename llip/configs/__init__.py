@@ -117,6 +117,12 @@ def get_config(name: str, **overrides) -> ModelConfig:
     bad = sorted(set(overrides) - valid)
     if bad:
         raise ValueError(f"unknown config field(s) {bad} for {name!r}; valid overrides: {', '.join(sorted(valid))}")
+    floats = {f.name for f in dataclasses.fields(ModelConfig) if f.type in ("float", float)}
+    # --set tau=3 parses as an int: a float field keeps its type (checkpoints and resume comparisons see 3.0)
+    overrides = {
+        k: float(v) if k in floats and isinstance(v, int) and not isinstance(v, bool) else v
+        for k, v in overrides.items()
+    }
     config = ModelConfig(**{**reg[name], **overrides})
     check_config(config)
     return config

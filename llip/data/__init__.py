@@ -1,17 +1,20 @@
 """Training and evaluation data: the built-in scenes, webdataset tar shards, CSV/TSV files.
 
 :func:`build_train_loader` turns a ``--data`` string into an endless iterator of batches
-``{"images" [B,3,S,S] float32, "tokens" [B,L] int64, "skipped": int}`` for one rank, starting at a given step.
+``{"images" [B,3,S,S] float32, "tokens" [B,L] int64, "skipped": int, "skip_reasons": {reason: n}}`` for one rank,
+starting at a given step (a stream of tar shards with no readable sample ends with an ``{"end": True, ...}`` item
+carrying the final skip counts instead).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import UsageError
 from . import builtin
 from .datasets import BuiltinDataset, Collate, CsvDataset, StepSampler
 from .webdata import BatchedWebDataset, WebDataset
@@ -28,7 +31,7 @@ def data_kind(source: str) -> str:
         return "csv"
     if ".tar" in lowered:
         return "wds"
-    raise ValueError(
+    raise UsageError(
         f"--data {source!r}: expected 'builtin', a .csv/.tsv file or .tar shards ('shards/{{000..009}}.tar')"
     )
 
@@ -38,6 +41,7 @@ class TrainData:
     batches: Iterator[dict]
     description: str
     length: int | None  # samples per epoch, when known (map-style data)
+    dropped: dict[str, int] = field(default_factory=dict)  # rows left out when the data was read, by reason
 
 
 def build_train_loader(
@@ -60,7 +64,7 @@ def build_train_loader(
     Tar shards are a stream: resuming replays (and discards) the first ``start_step`` batches of this rank.
     """
     if global_batch % world:
-        raise ValueError(f"batch size {global_batch} must be divisible by the world size {world}")
+        raise UsageError(f"--batch-size {global_batch} must be divisible by the world size {world}")
     local = global_batch // world
     kind = data_kind(source)
     loader_kw = dict(num_workers=workers, persistent_workers=False)
@@ -77,7 +81,7 @@ def build_train_loader(
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=Collate(tokenizer, dataset), **loader_kw
         )
-        return TrainData(iter(loader), description, len(dataset))
+        return TrainData(iter(loader), description, len(dataset), dict(getattr(dataset, "dropped", {})))
     stream = WebDataset(source, transform, seed=seed, rank=rank, world=world)
     loader = torch.utils.data.DataLoader(
         BatchedWebDataset(stream, local, Collate(tokenizer, stream)), batch_size=None, **loader_kw

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DataError
 from . import builtin
+from .skips import SkipLog, describe
 
 Key = tuple[int, int]  # (epoch, index)
 
@@ -120,11 +123,14 @@ class CsvDataset(torch.utils.data.Dataset):
     """Rows of (image path, caption) from a CSV (``,``) or TSV (``\\t``, by extension) file with a header.
 
     Column names default to the first of ``filepath/image/image_path/path`` and ``caption/title/text`` found in
-    the header. Relative image paths are relative to the file's folder. An unreadable image is skipped: the
-    next row (cyclically) is used instead, so batches keep their size, and ``skipped`` counts it."""
+    the header. Relative image paths are relative to the file's folder. Rows without an image path or with an empty
+    (or whitespace-only) caption are dropped when the file is read and counted in ``dropped``. An unreadable image
+    is skipped: the next row (cyclically) is used instead, so batches keep their size, and the skip is named in a
+    warning and counted (:class:`~llip.data.skips.SkipLog`)."""
 
     IMAGE_KEYS = ("filepath", "image", "image_path", "path", "file")
     CAPTION_KEYS = ("caption", "title", "text")
+    PROBE_ROWS = 64  # rows whose image files are checked up front: all missing means a wrong image root
 
     def __init__(
         self,
@@ -138,52 +144,85 @@ class CsvDataset(torch.utils.data.Dataset):
     ):
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"CSV/TSV data file not found: {path}")
+            raise DataError(f"CSV/TSV data file not found: {path}")
         delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+        self.dropped: Counter[str] = Counter()
+        rows, line_numbers = [], []
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             header = reader.fieldnames or []
             image_key = image_key or next((k for k in self.IMAGE_KEYS if k in header), None)
             caption_key = caption_key or next((k for k in self.CAPTION_KEYS if k in header), None)
             if image_key not in header or caption_key not in header:
-                raise ValueError(
+                raise DataError(
                     f"{path}: need an image column (one of {self.IMAGE_KEYS}) and a caption column (one of "
                     f"{self.CAPTION_KEYS}) in the header; found {header}"
                 )
-            rows = [(r[image_key], r[caption_key]) for r in reader if r.get(image_key) and r.get(caption_key)]
+            for r in reader:
+                image, caption = (r.get(image_key) or "").strip(), (r.get(caption_key) or "").strip()
+                if not image:
+                    self.dropped["rows without an image path"] += 1
+                elif not caption:
+                    self.dropped["rows with an empty caption"] += 1
+                else:
+                    rows.append((image, caption))
+                    line_numbers.append(reader.line_num)
         if not rows:
-            raise ValueError(f"{path}: no (image, caption) rows")
-        self.root, self.rows, self.transform, self.seed, self.max_skip = path.parent, rows, transform, seed, max_skip
-        self.skipped = 0  # per process; the collate function reports deltas so the trainer can log a total
+            raise DataError(
+                f"{path}: no (image, caption) rows" + (f" ({describe(self.dropped)})" if self.dropped else "")
+            )
+        self.path, self.root, self.rows, self.line_numbers = path, path.parent, rows, line_numbers
+        self.transform, self.seed, self.max_skip = transform, seed, max_skip
+        self._check_image_root()
+        self.skips = SkipLog()  # per process; the collate function reports its counts with each batch
+
+    def _check_image_root(self) -> None:
+        probe = self.rows[: self.PROBE_ROWS]
+        if not any((self.root / image).is_file() for image, _ in probe):
+            raise DataError(
+                f"{self.path}: none of the first {len(probe)} rows' images exist (e.g. {self.root / probe[0][0]}); "
+                f"image paths are read relative to {self.root}"
+            )
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, key: Key):
         epoch, n = key
-        for attempt in range(min(self.max_skip, len(self.rows))):
+        attempts = min(self.max_skip, len(self.rows))
+        for attempt in range(attempts):
             i = (n + attempt) % len(self.rows)
             image_path, caption = self.rows[i]
             try:
                 with Image.open(self.root / image_path) as im:
                     image = im.convert("RGB")
-            except Exception:  # noqa: BLE001 - any decoding failure means "skip this sample"
-                self.skipped += 1
+            except FileNotFoundError:
+                self.skips.skip(f"{self.path.name} line {self.line_numbers[i]} ({image_path})", "image not found")
+                continue
+            except Exception as e:  # noqa: BLE001 - any decoding failure means "skip this sample"
+                reason = f"image does not decode ({type(e).__name__})"
+                self.skips.skip(f"{self.path.name} line {self.line_numbers[i]} ({image_path})", reason)
                 continue
             return seeded_call(self.transform, image, (self.seed, epoch, i)), caption
-        raise RuntimeError(f"{self.max_skip} consecutive unreadable images from row {n}; is the image root right?")
+        raise DataError(
+            f"{self.path}: {attempts} consecutive rows from line {self.line_numbers[n % len(self.rows)]} have no "
+            f"readable image ({describe(self.skips.counts)} so far); are the image files under {self.root}?"
+        )
 
 
 class Collate:
-    """Stacks images, tokenizes captions -> ``{"images" [B,3,S,S], "tokens" [B,L], "skipped": int}``.
-    ``skipped`` is how many corrupt samples the dataset (in this worker) skipped since its previous batch."""
+    """Stacks images, tokenizes captions -> ``{"images" [B,3,S,S], "tokens" [B,L], "skipped": int,
+    "skip_reasons": {reason: n}}``: the samples the dataset (in this worker) skipped since its previous batch."""
 
     def __init__(self, tokenizer: Callable, dataset=None):
-        self.tokenizer, self.dataset, self._reported = tokenizer, dataset, 0
+        self.tokenizer, self.dataset = tokenizer, dataset
+
+    def skip_counts(self) -> dict:
+        skips = getattr(self.dataset, "skips", None)
+        reasons = skips.take() if skips is not None else {}
+        return {"skipped": sum(reasons.values()), "skip_reasons": reasons}
 
     def __call__(self, samples):
         images = torch.stack([s[0] for s in samples])
         tokens = self.tokenizer([s[1] for s in samples])
-        total = getattr(self.dataset, "skipped", 0)
-        skipped, self._reported = total - self._reported, total
-        return {"images": images, "tokens": tokens, "skipped": skipped}
+        return {"images": images, "tokens": tokens, **self.skip_counts()}

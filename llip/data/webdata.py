@@ -2,9 +2,10 @@
 
 Shards are brace-expanded (``shards/{000..009}.tar``), shuffled per epoch, split across ranks then loader
 workers, read sequentially and shuffled again through a buffer; all orders are seeded by ``(seed, epoch,
-rank, worker)``. A sample whose image does not decode, or that lacks an image or a caption, is skipped and
-counted; an unreadable shard is skipped and counted too. The stream repeats epochs forever; the trainer
-decides when to stop.
+rank, worker)``. A sample whose image does not decode, or that lacks an image or a non-empty caption, is skipped;
+an unreadable shard too; each is named in a warning and counted (:class:`~llip.data.skips.SkipLog`). The stream
+repeats epochs forever; the trainer decides when to stop. A stream with no readable sample at all ends, and its
+last item tells the trainer how many samples were skipped and why.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 from braceexpand import braceexpand
 from PIL import Image
 
+from ..errors import DataError
 from .datasets import seeded_call
+from .skips import SkipLog
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt",)
@@ -30,9 +33,9 @@ def expand_shards(spec: str) -> list[str]:
     urls = [u for part in spec.split("::") for u in braceexpand(part)]
     missing = [u for u in urls if not os.path.isfile(u)]
     if not urls:
-        raise ValueError(f"no shards in {spec!r}")
+        raise DataError(f"no shards in {spec!r}")
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards not found, e.g. {missing[0]!r} (from {spec!r})")
+        raise DataError(f"{len(missing)} of {len(urls)} shards not found, e.g. {missing[0]!r} (from {spec!r})")
     return urls
 
 
@@ -58,7 +61,7 @@ def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 class WebDataset(torch.utils.data.IterableDataset):
     """``for image, caption in WebDataset(...)`` over this rank's and worker's shards, forever.
-    ``skipped`` counts corrupt samples and unreadable shards seen by this process (or worker)."""
+    ``skips`` counts the corrupt samples and unreadable shards this process (or worker) passed over."""
 
     def __init__(
         self,
@@ -73,7 +76,7 @@ class WebDataset(torch.utils.data.IterableDataset):
         self.urls = expand_shards(spec)
         self.transform, self.seed, self.rank, self.world = transform, seed, rank, world
         self.shuffle_buffer = shuffle_buffer
-        self.skipped = 0
+        self.skips = SkipLog()
 
     def _my_shards(self, epoch: int) -> list[str]:
         order = np.random.default_rng([self.seed, epoch, 0x7A2]).permutation(len(self.urls))
@@ -100,26 +103,32 @@ class WebDataset(torch.utils.data.IterableDataset):
                         if strided and count % consumers != me:
                             continue
                         sample = self._decode(key, files, epoch)
-                        if sample is None:
-                            self.skipped += 1
+                        if isinstance(sample, str):
+                            self.skips.skip(f"{url}:{key}", sample)
                         else:
                             yield sample
-            except (tarfile.TarError, OSError):
-                self.skipped += 1
+            except (tarfile.TarError, OSError) as e:
+                self.skips.skip(url, f"unreadable shard ({type(e).__name__}: {e})")
 
     def _decode(self, key: str, files: dict[str, bytes], epoch: int):
+        """``(image, caption)``, or why the sample is skipped (a string)."""
         img_ext = next((e for e in IMAGE_EXTS if e in files), None)
         txt_ext = next((e for e in CAPTION_EXTS if e in files), None)
-        if img_ext is None or txt_ext is None:
-            return None
+        if img_ext is None:
+            return f"no image ({'/'.join(IMAGE_EXTS)}) among {sorted(files)}"
+        if txt_ext is None:
+            return f"no caption (.txt) among {sorted(files)}"
+        try:
+            caption = files[txt_ext].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return "caption is not UTF-8"
+        if not caption:
+            return "empty caption"
         try:
             with Image.open(io.BytesIO(files[img_ext])) as im:
                 image = im.convert("RGB")
-            caption = files[txt_ext].decode("utf-8").strip()
-        except Exception:  # noqa: BLE001 - any decoding failure means "skip this sample"
-            return None
-        if not caption:
-            return None
+        except Exception as e:  # noqa: BLE001 - any decoding failure means "skip this sample"
+            return f"image does not decode ({type(e).__name__})"
         key_seed = int.from_bytes(key.encode()[-8:].rjust(8, b"\0"), "little")
         return seeded_call(self.transform, image, (self.seed, epoch, key_seed)), caption
 
@@ -148,7 +157,9 @@ class WebDataset(torch.utils.data.IterableDataset):
 
 class BatchedWebDataset(torch.utils.data.IterableDataset):
     """Batches of ``batch_size`` from a :class:`WebDataset`, collated in the worker (so decoding, transforms and
-    tokenization all run in parallel); each batch carries how many samples this worker skipped since its last."""
+    tokenization all run in parallel); each batch carries how many samples this worker skipped since its last.
+    If the stream ends (it had no readable sample), a last ``{"end": True, "skipped": n, "skip_reasons": ...}``
+    item hands the trainer this worker's final counts for its error message."""
 
     def __init__(self, dataset: WebDataset, batch_size: int, collate: Callable):
         self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
@@ -160,3 +171,4 @@ class BatchedWebDataset(torch.utils.data.IterableDataset):
             if len(batch) == self.batch_size:
                 yield self.collate(batch)
                 batch = []
+        yield {"end": True, **self.collate.skip_counts()}

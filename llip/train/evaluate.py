@@ -74,20 +74,21 @@ def format_table(results: dict[str, tuple[float, float]]) -> str:
 
 
 def evaluate_checkpoint(path: str, *, eval_images: int = 500, backend: str | None = None, device: str = "auto") -> dict:
-    """Rebuild the model a checkpoint was trained with, load its weights, evaluate on the built-in scenes."""
+    """Rebuild the model a checkpoint was trained with, load its weights, evaluate on the built-in scenes. ``path``:
+    a checkpoint file, or a run folder (its newest checkpoint)."""
     import llip
 
     from .checkpoint import find_resume, load_checkpoint
+    from .placement import check_backend, pick_device
 
-    p = Path(path)
-    ckpt = find_resume(str(p / "checkpoints") if (p / "checkpoints").is_dir() else str(p), p)
+    ckpt = find_resume(str(path), Path(path), what="llip eval")
     state = load_checkpoint(ckpt)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(device)
     cfg = state["config"]
     model = llip.create_model(cfg["model"], **cfg.get("overrides", {}))
     model.load_state_dict(state["model"])
     model.to(device)
+    check_backend(backend, model, device)
     tokenizer = llip.get_tokenizer(context_length=model.context_length)
     evalset = builtin.eval_set(
         model.image_size, llip.image_transform(model.image_size, train=False), tokenizer, n_images=eval_images

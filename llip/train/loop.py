@@ -14,7 +14,9 @@ import json
 import math
 import os
 import random
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +26,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..data.skips import describe
+from ..errors import DataError, UsageError
+from .checkpoint import (
+    remove_stale_temp_files,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .metrics import MetricsLog
+from .placement import Ranks, check_backend, pick_device, setup_distributed
+from .resume import load_resume_state, resume_changes
+from .run_folder import check_writable, claim
 from .schedule import WarmupCosine
 
 if TYPE_CHECKING:
@@ -44,12 +56,13 @@ class TrainConfig:
     steps: int | None = None  # total optimiser steps (default: from epochs, else 800)
     epochs: float | None = None  # alternative to steps for map-style data
     lr: float | None = None  # peak lr (default: the model config's)
-    warmup: int = 80
+    warmup: int | None = None  # linear warm-up steps (default: WARMUP_FRACTION of the run, at most WARMUP_MAX)
     weight_decay: float = 0.2
     precision: str = "auto"  # fp32 | bf16 | auto (bf16 on CUDA, fp32 on CPU)
     backend: str | None = None  # llip_kernels backend for the loss and evaluation
     output: str = "runs/llip-tiny"
     resume: str | None = None  # a checkpoint, a folder of them, or "auto" (newest in output/checkpoints)
+    overwrite: bool = False  # replace the run already in ``output`` (else a new run there is refused)
     save_every: int = 200
     keep: int = 3
     eval_every: int = 0  # 0: evaluate only at the end
@@ -65,36 +78,15 @@ class TrainConfig:
     progress: bool = True
     builtin_length: int = 100_000
     hang_after: int | None = None  # fault injection for the resume test: sleep forever after this step
+    hang_in_checkpoint: int | None = None  # fault injection: sleep forever inside this step's checkpoint write
+
+
+WARMUP_FRACTION = 0.1  # default warm-up: this fraction of the run (80 steps of the 800-step main job)...
+WARMUP_MAX = 2000  # ...but never more than the paper recipe's 2,000 steps
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device: str) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _pick_device(requested: str, local_rank: int) -> str:
-    if requested != "auto":
-        return requested
-    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
 
 
 def seed_everything(seed: int) -> None:
@@ -131,12 +123,12 @@ def train(cfg: TrainConfig) -> dict:
     bar = _progress_bar(run)
 
     run.model.train()
-    skipped, loss_value, last_ckpt, results = 0, float("nan"), None, {}
+    skips = _Skips(run.skipped)
+    loss_value, last_ckpt, results = float("nan"), None, {}
     throughput = _Throughput(cfg.batch_size)
     step = run.start_step
     while step < run.steps:
-        batch = _next_batch(run, skipped)
-        skipped += batch["skipped"]
+        batch = _next_batch(run, skips)
         try:
             done = _train_step(run, batch, step)
         except TrainingDiverged:
@@ -144,10 +136,11 @@ def train(cfg: TrainConfig) -> dict:
                 bar.close()
             raise
         step, loss_value = step + 1, done.loss
+        skips.total += done.skipped
         if run.dd.main:
-            _log_step(run, log, bar, throughput, step, done, skipped)
+            _log_step(run, log, bar, throughput, step, done, skips.total)
         if step % cfg.save_every == 0 or step == run.steps:
-            last_ckpt = checkpoint(step) or last_ckpt
+            last_ckpt = checkpoint(step, skips.total) or last_ckpt
         if cfg.eval_every and step % cfg.eval_every == 0 and step != run.steps and run.dd.main:
             results = evaluate(step)
             if bar is not None:
@@ -160,7 +153,7 @@ def train(cfg: TrainConfig) -> dict:
     if bar is not None:
         bar.close()
     if step == run.steps and run.dd.main:
-        results = _final_evaluation(evaluate, step, last_ckpt)
+        results = _final_evaluation(evaluate, step, last_ckpt, skips)
     if log is not None:
         log.close()
     if run.dd.world > 1:
@@ -175,7 +168,7 @@ class _Run:
 
     cfg: TrainConfig
     device: str
-    dd: _Dist
+    dd: Ranks
     precision: str  # "fp32" or "bf16"
     autocast: contextlib.AbstractContextManager
     out_dir: Path
@@ -190,39 +183,52 @@ class _Run:
     kind: str  # data_kind(cfg.data): "builtin", "csv" or "wds"
     data: TrainData
     steps: int  # total optimiser steps
+    warmup: int  # warm-up steps of the schedule
     start_step: int  # 0, or the step of the checkpoint resumed from
     resumed: bool
+    skipped: int  # samples skipped before start_step (all ranks; restored on resume)
+    resume_changes: list[str]  # configuration fields that differ from the checkpoint's, "field: old -> new"
 
 
 def _setup_run(cfg: TrainConfig) -> _Run:
-    """Everything a run needs before its first step, in an order that matters: the seed before the model is
-    created (the initial weights depend on it), and a resumed run's saved RNG state restored last, after everything
-    that might draw random numbers, so that it continues bitwise like an uninterrupted run."""
+    """Everything a run needs before its first step, in an order that matters: every check that can refuse the run
+    before anything is written; the seed before the model is created (the initial weights depend on it); and a
+    resumed run's saved RNG state restored last, after everything that might draw random numbers, so that it
+    continues bitwise like an uninterrupted run."""
     import llip
     from llip.data import data_kind
 
-    device = _pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dd = _setup_distributed(device)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32, bf16 or auto, got {cfg.precision!r}")
+        raise UsageError(f"--precision must be fp32, bf16 or auto, got {cfg.precision!r}")
+    kind = data_kind(cfg.data)
     out_dir, ckpt_dir = Path(cfg.output), Path(cfg.output) / "checkpoints"
+    dd = setup_distributed(device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    _claim_output(cfg, dd, out_dir, ckpt_dir)
 
     seed_everything(cfg.seed)  # before the model: its initial weights depend on it
     model, optimizer, scaler, lr = _build_model(cfg, device)
+    check_backend(cfg.backend, model, device, precision)
     tokenizer = llip.get_tokenizer(context_length=model.context_length)
     # Built-in scenes are drawn at the model's size and carry their own variety: no random crop (it would
     # also cut objects out and falsify captions); real data gets the training augmentation.
-    kind = data_kind(cfg.data)
     transform = llip.image_transform(model.image_size, train=kind != "builtin")
-    state = _load_resume_state(cfg, ckpt_dir, model, optimizer, scaler)
+    state = load_resume_state(cfg, ckpt_dir, model, optimizer, scaler)
     start_step = state["step"] if state is not None else 0
 
     data = _build_data(cfg, model, transform, tokenizer, dd, start_step)
     steps = total_steps(cfg, data.length)
-    scheduler = WarmupCosine(optimizer, warmup=min(cfg.warmup, steps), total=steps)
+    if start_step >= steps:
+        raise UsageError(
+            f"the checkpoint resumed from is at step {start_step} and the run has {steps} steps: nothing left to "
+            f"train; pass --steps above {start_step} to continue it (llip eval {cfg.output} evaluates it)"
+        )
+    warmup = _warmup_steps(cfg, steps)
+    scheduler = WarmupCosine(optimizer, warmup=warmup, total=steps)
+    changes = resume_changes(state, cfg, model) if state is not None else []
     if state is not None:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])  # last, after everything that might draw random numbers
@@ -234,8 +240,42 @@ def _setup_run(cfg: TrainConfig) -> _Run:
     return _Run(
         cfg=cfg, device=device, dd=dd, precision=precision, autocast=autocast, out_dir=out_dir, ckpt_dir=ckpt_dir,
         model=model, net=net, lr=lr, optimizer=optimizer, scaler=scaler, scheduler=scheduler, tokenizer=tokenizer,
-        kind=kind, data=data, steps=steps, start_step=start_step, resumed=state is not None,
+        kind=kind, data=data, steps=steps, warmup=warmup, start_step=start_step, resumed=state is not None,
+        skipped=state.get("skipped", 0) if state is not None else 0, resume_changes=changes,
     )  # fmt: skip
+
+
+def _claim_output(cfg: TrainConfig, dd: Ranks, out_dir: Path, ckpt_dir: Path) -> None:
+    """Refuse to mix this run into another one in ``out_dir`` (see :mod:`.run_folder`), make sure the folder can be
+    written, and clear what interrupted checkpoint writes left. Rank 0 does the writing; every rank refuses."""
+    if not dd.main and cfg.overwrite:
+        return  # rank 0 replaces the old run; the others must not race it
+    removed = claim(out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    if not dd.main:
+        return
+    check_writable(out_dir)
+    if removed:
+        print(f"llip train: --overwrite: removed the previous run in {out_dir} ({', '.join(removed)})", file=sys.stderr)
+    stale = remove_stale_temp_files(ckpt_dir)
+    if stale:
+        print(
+            f"llip train: removed {stale} temporary file(s) left by interrupted checkpoint writes in {ckpt_dir}",
+            file=sys.stderr,
+        )
+
+
+def _warmup_steps(cfg: TrainConfig, steps: int) -> int:
+    """``--warmup``, or by default WARMUP_FRACTION of the run (at most WARMUP_MAX); a warning when an explicit
+    warm-up takes more than half of the run (the learning rate then barely reaches its peak)."""
+    if cfg.warmup is None:
+        return min(WARMUP_MAX, round(WARMUP_FRACTION * steps))
+    if cfg.warmup > steps // 2:
+        print(
+            f"llip train: warning: --warmup {cfg.warmup} is more than half of the {steps} steps; the learning rate "
+            f"reaches its peak only at step {min(cfg.warmup, steps)}",
+            file=sys.stderr,
+        )
+    return min(cfg.warmup, steps)
 
 
 def _build_model(cfg: TrainConfig, device: str) -> tuple[LlipModel, torch.optim.Optimizer, torch.amp.GradScaler, float]:
@@ -254,22 +294,8 @@ def _build_model(cfg: TrainConfig, device: str) -> tuple[LlipModel, torch.optim.
     return model, optimizer, scaler, lr
 
 
-def _load_resume_state(
-    cfg: TrainConfig, ckpt_dir: Path, model: LlipModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
-) -> dict | None:
-    """The checkpoint ``cfg.resume`` points at, with the model, optimiser and scaler already restored from it;
-    None when not resuming. The scheduler and the RNG state are restored later, by the caller."""
-    resume_path = find_resume(cfg.resume, ckpt_dir) if cfg.resume else None
-    state = load_checkpoint(resume_path) if resume_path else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-    return state
-
-
 def _build_data(
-    cfg: TrainConfig, model: LlipModel, transform: Callable, tokenizer: Callable, dd: _Dist, start_step: int
+    cfg: TrainConfig, model: LlipModel, transform: Callable, tokenizer: Callable, dd: Ranks, start_step: int
 ) -> TrainData:
     """This rank's share of the global batches, from ``start_step`` on (step ``s`` always gets the same samples)."""
     from llip.data import build_train_loader
@@ -289,7 +315,7 @@ def _build_data(
     )
 
 
-def _wrap_model(model: LlipModel, cfg: TrainConfig, dd: _Dist, device: str) -> torch.nn.Module:
+def _wrap_model(model: LlipModel, cfg: TrainConfig, dd: Ranks, device: str) -> torch.nn.Module:
     """What the forward pass runs through: the model itself, in DDP across ranks, compiled on request. The loss,
     the optimiser and the checkpoints keep using the bare model."""
     net = model
@@ -301,12 +327,12 @@ def _wrap_model(model: LlipModel, cfg: TrainConfig, dd: _Dist, device: str) -> t
 
 
 def _open_log(run: _Run) -> MetricsLog | None:
-    """Rank 0's metrics log (None on other ranks), cut back to the resumed step so the file reads as one
-    uninterrupted run, and the run's ``config.json`` next to it."""
+    """Rank 0's metrics log (None on other ranks), cut back to the resumed step when resuming so the file reads
+    as one uninterrupted run, and the run's ``config.json`` next to it."""
     if not run.dd.main:
         return None
-    log = MetricsLog(run.out_dir, tensorboard=run.cfg.tensorboard)  # creates the run folder
-    log.truncate_after(run.start_step)
+    resume_step = run.start_step if run.cfg.resume is not None else None
+    log = MetricsLog(run.out_dir, tensorboard=run.cfg.tensorboard, resume_step=resume_step)
     _write_run_config(run)
     return log
 
@@ -323,6 +349,7 @@ def _write_run_config(run: _Run) -> None:
                 "device": run.device,
                 "world": run.dd.world,
                 "data": run.data.description,
+                "warmup": run.warmup,
             },
             indent=2,
         )
@@ -354,15 +381,17 @@ def _make_evaluator(run: _Run, log: MetricsLog | None) -> Callable[[int], dict]:
 
 
 def _make_checkpointer(run: _Run) -> Callable[[int], Path | None]:
-    """``checkpoint(step) -> path``: rank 0 saves everything an exact resume needs (model, optimiser, scheduler,
-    scaler, RNG state, configs), keeping the newest ``cfg.keep``; other ranks save nothing and get None."""
+    """``checkpoint(step, skipped) -> path``: rank 0 saves everything an exact resume needs (model, optimiser,
+    scheduler, scaler, RNG state, configs, the skipped-sample count), keeping the newest ``cfg.keep``; other ranks
+    save nothing and get None."""
 
-    def checkpoint(step: int) -> Path | None:
+    def checkpoint(step: int, skipped: int) -> Path | None:
         if not run.dd.main:
             return None
         return save_checkpoint(
             {
                 "step": step,
+                "skipped": skipped,
                 "model": run.model.state_dict(),
                 "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(),
@@ -374,6 +403,7 @@ def _make_checkpointer(run: _Run) -> Callable[[int], Path | None]:
             run.ckpt_dir,
             step,
             run.cfg.keep,
+            hang_before_rename=run.cfg.hang_in_checkpoint == step,
         )
 
     return checkpoint
@@ -389,6 +419,13 @@ def _announce(run: _Run) -> None:
         f"{run.device}, world {run.dd.world}, lr {run.lr:g}, output {run.out_dir}"
         + (f", resumed from step {run.start_step}" if run.resumed else "")
     )
+    if run.resume_changes:
+        print(
+            "llip train: warning: resuming with a changed configuration: " + "; ".join(run.resume_changes),
+            file=sys.stderr,
+        )
+    if run.data.dropped:
+        print(f"llip train: warning: {cfg.data}: left out {describe(run.data.dropped)}", file=sys.stderr)
 
 
 def _progress_bar(run: _Run):
@@ -409,16 +446,32 @@ class _StepDone:
     logit_scale: torch.Tensor  # the multiplier t used in the forward pass (0-dim)
     grad_norm: float | None  # before clipping; None without cfg.grad_clip
     step_time: float  # seconds: forward, loss, backward and update
+    skipped: int  # samples the data skipped for this step's batch, summed over ranks
 
 
-def _next_batch(run: _Run, skipped: int) -> dict:
-    """The next batch of this rank's data stream; an endless stream that ends anyway has no readable samples."""
-    try:
-        return next(run.data.batches)
-    except StopIteration:
-        raise RuntimeError(
-            f"the data stream {run.cfg.data!r} ran dry (no readable samples?); skipped {skipped}"
-        ) from None
+class _Skips:
+    """Samples skipped so far: ``total`` over all ranks (the run's count, restored on resume) and this rank's
+    reasons (for messages)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.reasons: Counter[str] = Counter()
+
+
+def _next_batch(run: _Run, skips: _Skips) -> dict:
+    """The next batch of this rank's data stream. A stream of tar shards with no readable sample ends, its last
+    item carrying the final skip counts: that is an error naming what was skipped and why."""
+    while True:
+        try:
+            batch = next(run.data.batches)
+        except StopIteration:
+            what = describe(skips.reasons) or "no sample at all"
+            raise DataError(
+                f"the data stream {run.cfg.data!r} ran dry: no readable samples (skipped on this rank: {what})"
+            ) from None
+        skips.reasons.update(batch.get("skip_reasons", {}))
+        if not batch.get("end"):
+            return batch
 
 
 def _train_step(run: _Run, batch: dict, step: int) -> _StepDone:
@@ -430,12 +483,13 @@ def _train_step(run: _Run, batch: dict, step: int) -> _StepDone:
     tokens = batch["tokens"].to(run.device, non_blocking=True)
     t0 = time.perf_counter()
     loss, out = compute_loss(run.net, model, images, tokens, backend=cfg.backend, autocast=run.autocast)
-    # Every rank must agree to stop, or the others would hang in the next collective.
-    report = loss.detach().float().reshape(1).clone()
+    # Every rank must agree to stop, or the others would hang in the next collective; the same reduction sums the
+    # samples each rank skipped for this batch.
+    skipped_here = torch.tensor(float(batch["skipped"]), dtype=torch.float64, device=loss.device)
+    report = torch.stack([loss.detach().double().reshape(()), skipped_here])
     if run.dd.world > 1:
         dist.all_reduce(report)
-        report /= run.dd.world
-    loss_value = float(report)
+    loss_value, skipped = float(report[0]) / run.dd.world, int(report[1])
     if not math.isfinite(loss_value):
         raise TrainingDiverged(
             f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint is kept in "
@@ -451,7 +505,7 @@ def _train_step(run: _Run, batch: dict, step: int) -> _StepDone:
     scaler.update()
     run.scheduler.step()
     model.clamp_logit_scale()
-    return _StepDone(loss_value, out["logit_scale"], grad_norm, time.perf_counter() - t0)
+    return _StepDone(loss_value, out["logit_scale"], grad_norm, time.perf_counter() - t0, skipped)
 
 
 @dataclass
@@ -507,13 +561,17 @@ def _log_step(
 
 
 # ----------------------------------------------------------------------------------------------------- the end
-def _final_evaluation(evaluate: Callable[[int], dict], step: int, last_ckpt: Path | None) -> dict:
-    """Rank 0 at the end of the run: evaluate, print the results table and the last checkpoint's path."""
+def _final_evaluation(evaluate: Callable[[int], dict], step: int, last_ckpt: Path | None, skips: _Skips) -> dict:
+    """Rank 0 at the end of the run: evaluate, print the results table, the skipped samples and the last
+    checkpoint's path."""
     from .evaluate import format_table
 
     results = evaluate(step)
     if results:
         print(format_table(results))
+    if skips.total:
+        why = f" (on this rank: {describe(skips.reasons)})" if skips.reasons else ""
+        print(f"skipped samples: {skips.total}{why}")
     if last_ckpt is not None:
         print(f"checkpoint: {last_ckpt}")
     return results

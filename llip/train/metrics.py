@@ -4,27 +4,49 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
+
+from ..errors import UsageError
 
 
 class MetricsLog:
     """``log(record)`` appends ``record`` (a flat dict with a ``step``) to ``<folder>/metrics.jsonl`` and sends its
-    numbers to TensorBoard under ``<prefix>/<key>``. ``truncate_after(step)`` drops records logged after a
-    checkpoint that a resumed run will redo, so the file reads as one uninterrupted run."""
+    numbers to TensorBoard under ``<prefix>/<key>``.
 
-    def __init__(self, folder: str | os.PathLike, *, tensorboard: bool = True):
+    A resumed run redoes the steps after its checkpoint, so ``resume_step`` cuts both logs back to it: the JSONL
+    file loses its records after that step (a torn last line, from a kill mid-write, is dropped with a warning) and
+    TensorBoard purges its events after it (``purge_step``), so each reads as one uninterrupted run."""
+
+    def __init__(self, folder: str | os.PathLike, *, tensorboard: bool = True, resume_step: int | None = None):
         self.path = Path(folder) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(resume_step)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: it pulls in tensorboard
 
-            self.writer = SummaryWriter(str(Path(folder) / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1  # events at later steps will be redone
+            self.writer = SummaryWriter(str(Path(folder) / "tensorboard"), purge_step=purge)
 
-    def truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        lines = self.path.read_text().splitlines()
+        kept = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):  # the last record was being written when the run was killed
+                    print(f"llip: warning: dropped a torn last line of {self.path} (line {n})", file=sys.stderr)
+                    continue
+                raise UsageError(f"{self.path} line {n} is not a JSON record; fix or remove that line") from None
+            if record.get("step", 0) <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict, prefix: str = "train") -> None:

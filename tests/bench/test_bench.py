@@ -170,16 +170,23 @@ def test_attention_library_baseline_computes_the_llip_op(op, monkeypatch):
 
     monkeypatch.setattr(providers, "SDPA_CHUNK_ELEMS", 2 * 6 * (32 + 8))
     case = Case(op, "fwd+bwd", "sdpa", "tiny", 6, 6)
+    from llip_kernels.testing import check_rule
+
     x = providers.make_tensors(case)
-    ref_x = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
-    ours = providers.forward_for(case)(x)
-    ref = providers.forward_for(Case(op, "fwd+bwd", "reference", "tiny", 6, 6))(ref_x)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    cot = torch.randn(ours.shape, generator=torch.Generator().manual_seed(0))
-    ours.backward(cot)
-    ref.backward(cot)
-    for n in ("k", "v", "q", "y", "w_out", "t"):
-        torch.testing.assert_close(x[n].grad, ref_x[n].grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"d{n}: {m}")
+    ref_case = Case(op, "fwd+bwd", "reference", "tiny", 6, 6)
+    runs = {}  # the baseline, the reference in the same dtype, and the float64 oracle (the numerics rule)
+    for name, dtype, fn in (
+        ("sdpa", None, providers.forward_for(case)),
+        ("same", None, providers.forward_for(ref_case)),
+        ("ref64", torch.float64, providers.forward_for(ref_case)),
+    ):
+        xs = {n: t.detach().to(dtype or t.dtype).requires_grad_(True) for n, t in x.items()}
+        out = fn(xs)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.dtype))
+        runs[name] = (out.detach(), {n: xs[n].grad for n in ("k", "v", "q", "y", "w_out", "t")})
+    check_rule(f"sdpa {op}", runs["sdpa"][0], runs["ref64"][0], runs["same"][0], torch.float32)
+    for n in runs["sdpa"][1]:
+        check_rule(f"sdpa {op} d{n}", runs["sdpa"][1][n], runs["ref64"][1][n], runs["same"][1][n], torch.float32)
 
 
 def test_regression_guard_on_memory(tmp_path):

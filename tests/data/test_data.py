@@ -15,6 +15,7 @@ from PIL import Image
 from llip.data import build_train_loader, builtin, data_kind
 from llip.data.datasets import StepSampler, seeded_call
 from llip.data.webdata import expand_shards
+from llip.errors import DataError, UsageError
 from llip.tokenizer import get_tokenizer
 from llip.transforms import image_transform
 
@@ -144,15 +145,15 @@ def test_tsv_and_clear_errors(tmp_path, tokenizer):
     (tmp_path / "a.png").write_bytes(_png(0))
     (tmp_path / "d.tsv").write_text("image\tcaption\na.png\ta caption\n")
     assert _batches(str(tmp_path / "d.tsv"), tokenizer, 1, global_batch=2)[0]["images"].shape == (2, 3, S, S)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         _batches(str(tmp_path / "missing.csv"), tokenizer, 1, global_batch=2)
     (tmp_path / "empty.csv").write_text("filepath,caption\n")
-    with pytest.raises(ValueError, match="no \\(image, caption\\) rows"):
+    with pytest.raises(DataError, match="no \\(image, caption\\) rows"):
         _batches(str(tmp_path / "empty.csv"), tokenizer, 1, global_batch=2)
     (tmp_path / "bad.csv").write_text("foo,bar\nx,y\n")
-    with pytest.raises(ValueError, match="image column"):
+    with pytest.raises(DataError, match="image column"):
         _batches(str(tmp_path / "bad.csv"), tokenizer, 1, global_batch=2)
-    with pytest.raises(ValueError, match="expected 'builtin'"):
+    with pytest.raises(UsageError, match="expected 'builtin'"):
         data_kind("data.parquet")
 
 
@@ -217,7 +218,7 @@ def test_webdataset_resume_replays_the_stream(tmp_path, tokenizer):
 
 
 def test_webdataset_missing_or_empty_source_is_a_clear_error(tmp_path, tokenizer):
-    with pytest.raises(FileNotFoundError, match="shards not found"):
+    with pytest.raises(DataError, match="shards not found"):
         expand_shards(str(tmp_path / "nope-{0..3}.tar"))
     _write_shard(tmp_path / "empty.tar", [])
     data = build_train_loader(
@@ -228,5 +229,7 @@ def test_webdataset_missing_or_empty_source_is_a_clear_error(tmp_path, tokenizer
         global_batch=2,
         seed=0,
     )
+    end = next(data.batches)  # the stream ends at once, its last item saying that nothing was skipped either
+    assert end["end"] and end["skipped"] == 0
     with pytest.raises(StopIteration):
         next(data.batches)

@@ -15,6 +15,7 @@ from llip_kernels.testing import (
     check_rule,
     make_llip_inputs,
     record_allocations,
+    run_op,
 )
 
 OPS = ("logits", "sigmoid_loss", "softmax_loss")
@@ -109,9 +110,10 @@ def test_forward_without_grad_matches(force):
     x = make_llip_inputs(6, 8, 2, 5, 6, requires_grad=False)
     with torch.no_grad():
         ours = lk.llip_logits(x.k, x.v, x.q, x.y, x.w_out, tau=x.tau, logit_scale=x.t, logit_bias=x.b, backend="torch")
-    ref = lk.llip_logits(x.k, x.v, x.q, x.y, x.w_out, tau=x.tau, logit_scale=x.t, logit_bias=x.b, backend="reference")
+    ref64 = run_op("logits", x.to(torch.float64, requires_grad=False), "reference", with_grad=False).out
+    same = run_op("logits", x, "reference", with_grad=False).out
     assert ours.dtype == torch.float32 and not ours.requires_grad
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    check_rule("torch logits without grad", ours, ref64, same, torch.float32)
 
 
 # ---- memory: nothing of Bi*Bt*K or Bi*Bt*D elements, and nothing of Bi*Bt for the losses --------------------

@@ -124,8 +124,8 @@ def test_deterministic_mode_is_repeatable(monkeypatch):
         assert torch.equal(runs[0].grads[name], runs[1].grads[name]), name
     monkeypatch.setenv("LLIP_KERNELS_DETERMINISTIC", "0")
     fast = testing.run_op("sigmoid_loss", x.to(), "triton", pos_offset=1)
-    for name in runs[0].grads:
-        torch.testing.assert_close(fast.grads[name], runs[0].grads[name], rtol=1e-5, atol=1e-6)
+    for name in runs[0].grads:  # atomics against ordered sums: the same pairs, added in another order
+        testing.check_same_result(f"d{name}", fast.grads[name], runs[0].grads[name], dtype=torch.float32, terms=15)
 
 
 def _losses_fwd_bwd(op, x):

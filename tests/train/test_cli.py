@@ -80,10 +80,32 @@ def test_overrides_and_defaults():
 
 
 def test_bad_input_gives_a_clear_error(tmp_path, capsys):
+    """In process (the subprocess versions are in test_run_safety.py): one line, exit status 2."""
     assert main(["train", "--data", str(tmp_path / "missing.csv"), "--output", str(tmp_path / "o"),
-                 "--no-progress", "--no-tensorboard"]) == 1  # fmt: skip
-    assert "not found" in capsys.readouterr().err
-    assert main(["train", "--model", "nope", "--output", str(tmp_path / "o")]) == 1
+                 "--no-progress", "--no-tensorboard"]) == 2  # fmt: skip
+    assert "llip train: error: CSV/TSV data file not found" in capsys.readouterr().err
+    assert main(["train", "--model", "nope", "--output", str(tmp_path / "o")]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
-    assert main(["train", "--set", "bogus=1", "--output", str(tmp_path / "o")]) == 1
+    assert main(["train", "--set", "bogus=1", "--output", str(tmp_path / "o")]) == 2
     assert "unknown config field" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--batch-size", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("llip train: error: argument --batch-size")
+
+
+def test_device_choice(monkeypatch):
+    """``cuda`` without an index is this rank's GPU (torch.cuda.set_device needs an index)."""
+    import torch
+
+    from llip.errors import UsageError
+    from llip.train.placement import pick_device
+
+    assert pick_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda", 1) == "cuda:1" and pick_device("cuda:0", 1) == "cuda:0"
+    assert pick_device("auto", 1) == "cuda:1"
+    with pytest.raises(UsageError, match="cuda:2 does not exist"):
+        pick_device("cuda:2")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from llip.errors import UsageError
 from llip.train import checkpoint as ckpt
 from llip.train import loop
 from llip.train.loop import TrainConfig, TrainingDiverged, train
@@ -99,12 +100,12 @@ def test_bf16_autocast_and_grad_checkpointing_run_on_cpu(tmp_path):
 def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
     folder = tmp_path / "ck"
     for step in (1, 2, 3, 4):
-        ckpt.save_checkpoint({"step": step}, folder, step, keep=2)
+        ckpt.save_checkpoint({"step": step, "model": {}, "config": {}}, folder, step, keep=2)
     assert [s for s, _ in ckpt.list_checkpoints(folder)] == [3, 4]
     assert sorted(p.name for p in folder.iterdir()) == ["step_00000003.pt", "step_00000004.pt"]  # no temp files
     assert ckpt.find_resume("auto", folder).name == "step_00000004.pt"
     assert ckpt.find_resume("auto", tmp_path / "none") is None
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(UsageError, match="no such checkpoint"):
         ckpt.find_resume(str(tmp_path / "missing.pt"), folder)
 
     # A crash while writing leaves the previous file intact and no temporary behind.
@@ -116,7 +117,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_atomic({"step": 9}, folder / "step_00000004.pt")
     monkeypatch.undo()
-    assert ckpt.load_checkpoint(folder / "step_00000004.pt") == {"step": 4}
+    assert ckpt.load_checkpoint(folder / "step_00000004.pt") == {"step": 4, "model": {}, "config": {}}
     assert len(list(folder.iterdir())) == 2
 
 

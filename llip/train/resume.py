@@ -1,0 +1,91 @@
+"""Resuming a run: load a checkpoint into the model and optimiser, refuse one of another model (naming both), and
+list every setting the resumed run changes (the rules: :data:`RESUME_FREE_FIELDS` and
+:data:`RESUME_MODEL_FIELDS`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import UsageError
+from .checkpoint import find_resume, load_checkpoint
+
+if TYPE_CHECKING:
+    from llip.model import LlipModel
+
+    from .loop import TrainConfig
+
+# Configuration fields a resumed run may change without a word: where and how it runs, not what it trains.
+RESUME_FREE_FIELDS = {
+    "resume", "output", "overwrite", "progress", "tensorboard", "workers", "eval_every", "eval_images", "log_every",
+    "save_every", "keep", "device", "compile", "backend", "grad_checkpointing", "hang_after", "hang_in_checkpoint",
+    "overrides",  # compared through the model configuration instead
+}  # fmt: skip
+# Model fields a resumed run may change (with a warning): they change the training, not the model's parameters.
+RESUME_MODEL_FIELDS = {"tau", "lr", "loss", "init_logit_scale", "init_logit_bias"}
+
+
+def load_resume_state(
+    cfg: TrainConfig, ckpt_dir: Path, model: LlipModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> dict | None:
+    """The checkpoint ``cfg.resume`` points at, with the model, optimiser and scaler already restored from it;
+    None when not resuming (``--resume auto`` with no checkpoint yet starts from step 0, and says so). A checkpoint
+    of another model is refused, naming both. The optimiser keeps this run's hyper-parameters (lr, weight decay:
+    a changed value applies, and is listed by :func:`resume_changes`) and the checkpoint's moments. The scheduler
+    and the RNG state are restored later, by the caller."""
+    resume_path = find_resume(cfg.resume, ckpt_dir) if cfg.resume else None
+    if cfg.resume == "auto" and resume_path is None:
+        print(f"llip train: no checkpoint in {ckpt_dir} yet: starting from step 0", file=sys.stderr)
+    state = load_checkpoint(resume_path) if resume_path else None
+    if state is None:
+        return None
+    check_same_model(state, model, resume_path)
+    fresh = [{k: group[k] for k in ("lr", "weight_decay", "betas", "eps")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, hyper in zip(optimizer.param_groups, fresh):
+        group.update(hyper, initial_lr=hyper["lr"])
+    scaler.load_state_dict(state["scaler"])
+    return state
+
+
+def check_same_model(state: dict, model: LlipModel, path: Path) -> None:
+    """Load the checkpoint's weights into ``model``, or refuse with the configuration fields that differ."""
+    saved = state.get("model_config", {})
+    now = dataclasses.asdict(model.config)
+    differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUME_MODEL_FIELDS]
+    mismatch = None
+    if differ:
+        mismatch = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} here" for k in differ)
+    else:
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            mismatch = " ".join(str(e).split())[:300]
+    if mismatch is not None:
+        raise UsageError(
+            f"cannot resume {path}: it holds a {saved.get('name', 'different')} model and this run builds a "
+            f"{now['name']} model that differs ({mismatch}); resume with the checkpoint's --model and --set values, "
+            f"or start a new run in another --output"
+        )
+
+
+def resume_changes(state: dict, cfg: TrainConfig, model: LlipModel) -> list[str]:
+    """``"field: old -> new"`` for every setting that differs from the checkpoint's and changes what is trained:
+    the training configuration (but not where or how it runs) and the model fields a resume may change."""
+    saved, now = state.get("config", {}), dataclasses.asdict(cfg)
+    changes = [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if k not in RESUME_FREE_FIELDS and saved.get(k) != now.get(k)
+    ]
+    saved_model, now_model = state.get("model_config", {}), dataclasses.asdict(model.config)
+    changes += [
+        f"model.{k}: {saved_model.get(k)!r} -> {now_model.get(k)!r}"
+        for k in sorted(RESUME_MODEL_FIELDS)
+        if k in saved_model and saved_model.get(k) != now_model.get(k)
+    ]
+    return changes
