@@ -15,16 +15,34 @@ keeps its typed signature; the tensor inputs come first, plain parameters (``tau
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
+
+from ._validate import autocast_off
 
 NAMESPACE = "llip_kernels"
 
 
 def define(name: str, impl: Callable, *, fake: Callable) -> torch.library.CustomOpDef:
-    """Register ``impl`` as the custom op ``llip_kernels::<name>`` (no input is mutated) with its fake twin."""
-    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=())
+    """Register ``impl`` as the custom op ``llip_kernels::<name>`` (no input is mutated) with its fake twin.
+
+    ``impl`` runs with autocast off on its tensors' device: a custom op has no autocast rule, so autocast would
+    otherwise reach the plain torch ops inside it, e.g. when a backward pass is run inside an autocast region."""
+
+    @functools.wraps(impl)
+    def impl_without_autocast(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        with autocast_off(tensors[0].device) if tensors else contextlib.nullcontext():
+            return impl(*args, **kwargs)
+
+    # The schema is inferred from the signature; resolve impl's type hints in impl's module, not this one.
+    impl_without_autocast.__signature__ = inspect.signature(impl, eval_str=True)
+
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl_without_autocast, mutates_args=())
     op.register_fake(fake)
     return op
 
@@ -53,3 +71,15 @@ def differentiate_with(
         return (*grads, *([None] * len(ctx.params)))
 
     op.register_autograd(backward, setup_context=setup_context)
+
+
+@contextlib.contextmanager
+def autograd_inside():
+    """Autograd for the body of a custom op's kernel. Kernels run below the autograd dispatch keys (the op's
+    registered backward is what differentiates it), so a kernel that differentiates pieces of itself, as the torch
+    backend's recomputing backward does with ``torch.autograd.grad`` on each chunk, must put those keys back."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther):
+        excluded = excluded.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded), torch.enable_grad():
+        yield

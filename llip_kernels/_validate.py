@@ -7,6 +7,7 @@ invariants listed on :class:`LlipProblem`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .algebra import Op
+
+INT64 = (-(2**63), 2**63 - 1)  # what the compiled kernels take for an index or offset
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def check_tau(tau) -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise TypeError(f"tau must be a float, got {type(tau).__name__}")
     tau = float(tau)
-    if not math.isfinite(tau) or tau <= 0:
+    if not (0 < tau < math.inf):  # comparisons, not math.isfinite: torch.compile traces them (NaN fails both)
         raise ValueError(f"tau must be finite and > 0, got {tau}")
     return tau
 
@@ -75,6 +78,10 @@ def check_pos_offset(pos_offset) -> int | None:
         return None
     if isinstance(pos_offset, bool) or not isinstance(pos_offset, numbers.Integral):
         raise TypeError(f"pos_offset must be an int or None, got {type(pos_offset).__name__}")
+    if not INT64[0] <= pos_offset <= INT64[1]:
+        raise ValueError(
+            f"pos_offset must fit in int64 (an offset beyond the batch simply gives no positives), got {pos_offset}"
+        )
     return int(pos_offset)
 
 
@@ -165,3 +172,29 @@ def check_pooled_inputs(img, txt, *, square: bool) -> tuple[int, int]:
             f"Bt={txt.shape[0]}"
         )
     return img.shape[0], txt.shape[0]
+
+
+def autocast_inputs(*tensors):
+    """The precision policy under ``torch.autocast`` (docs/design.md section 3): the Llip ops are matmul-class ops,
+    so inside an autocast region of the inputs' device their floating tensor inputs are cast to the autocast dtype
+    (float64 excepted), as autocast casts a matmul's; None passes through. Outside autocast, nothing changes."""
+    first = next(t for t in tensors if isinstance(t, torch.Tensor))
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dtype)
+        return t
+
+    return tuple(cast(t) for t in tensors)
+
+
+def autocast_off(device: torch.device):
+    """The ops run with autocast off inside: each backend follows its own precision policy for its products, and
+    the float32 products of its input preparation must not be recast to bfloat16 by an enclosing region."""
+    if not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validate import check_pooled_inputs, check_pos_offset, check_scalar
+from ._validate import autocast_off, check_pooled_inputs, check_pos_offset, check_scalar
 from .algebra import sigmoid_loss_from_logits, softmax_loss_from_logits
 
 
@@ -19,8 +19,9 @@ def pooled_logits(img: torch.Tensor, txt: torch.Tensor, logit_scale=None, logit_
     t = check_scalar("logit_scale", logit_scale, img.device, 1.0)
     b = check_scalar("logit_bias", logit_bias, img.device, 0.0)
     acc = torch.float64 if torch.float64 in (img.dtype, txt.dtype) else torch.float32
-    cos = F.normalize(img.to(acc), dim=-1) @ F.normalize(txt.to(acc), dim=-1).t()
-    return t * cos + b
+    with autocast_off(img.device):  # float32 (or float64) as documented, whatever an enclosing autocast says
+        cos = F.normalize(img.to(acc), dim=-1) @ F.normalize(txt.to(acc), dim=-1).t()
+        return t * cos + b
 
 
 def sigmoid_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale, logit_bias, *, pos_offset: int | None = 0):

@@ -1,10 +1,12 @@
 """Choosing a backend: the ``backend=`` argument, else ``$LLIP_KERNELS_BACKEND``, else automatic.
 
-Backends (``llip_kernels/backends/``, and ``reference``) implement :class:`llip_kernels.backends.Backend` and are
-imported lazily, on first use, so ``import llip_kernels`` works without a GPU, Triton or a compiler; a backend
-whose module cannot be imported reports why as its reason. An explicit request that a backend cannot serve raises
-with every reason it gave; the automatic choice takes the first backend, in the order for the inputs' device,
-that gives none, unless a measured speed rule (:data:`YIELDS`) passes it over. See docs/design.md section 8.
+Backends (``llip_kernels/backends/``, and ``reference``) implement :class:`llip_kernels.backends.Backend`. Their
+modules are imported with this one, and importing them is cheap and safe (nothing is built; Triton, a GPU or a
+compiler are only needed on first use), so ``import llip_kernels`` works anywhere and ``torch.compile`` never has
+to trace an import; a backend whose module cannot be imported reports why as its reason. An explicit request that
+a backend cannot serve raises with every reason it gave; the automatic choice takes the first backend, in the order
+for the inputs' device, that gives none, unless a measured speed rule (:data:`YIELDS`) passes it over. See
+docs/design.md section 8.
 """
 
 from __future__ import annotations
@@ -144,3 +146,7 @@ def select_backend(problem: LlipProblem, backend: str | None) -> ModuleType:
             return load_backend(name)
         collected.append(f"{name}: " + "; ".join(why))
     raise RuntimeError(f"no backend can run llip {problem.op} here: " + " | ".join(collected))
+
+
+for _name in BACKEND_MODULES:  # at import: torch.compile traces the dispatch of a call, which must not import
+    load_backend(_name)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import baselines, functional
-from ._validate import check_llip_inputs, check_pooled_inputs
+from ._validate import autocast_inputs, check_llip_inputs, check_pooled_inputs
 
 MODES = ("all_gather", "ring")
 
@@ -67,6 +67,7 @@ def llip_sigmoid_loss_distributed(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    k, v, q, y, w_out = autocast_inputs(k, v, q, y, w_out)  # one dtype before the texts are packed and sent
     world = _world(group)
     if world is None:
         return functional.llip_sigmoid_loss(
@@ -122,6 +123,7 @@ def llip_softmax_loss_distributed(
     ``L_r = (W / N) * (sum_local_rows CE + sum_local_columns CE) / 2``, so ``mean_r L_r`` is the single-process
     loss and DDP's gradient averaging is exact, as for the other losses here.
     """
+    k, v, q, y, w_out = autocast_inputs(k, v, q, y, w_out)  # one dtype before the texts are packed and sent
     world = _world(group)
     if world is None:
         return functional.llip_softmax_loss(k, v, q, y, w_out, logit_scale, tau=tau, backend=backend)

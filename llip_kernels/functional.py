@@ -8,6 +8,10 @@ losses are float32 (float64 inputs, which the reference and torch backends accep
 each may be a number or a 0-dim tensor (gradients flow to tensors).
 
 Empty batches: logits come back with the empty shape; losses are 0.0 (connected to the inputs, zero grads).
+
+Under ``torch.autocast`` the ops act as matmul-class ops: their floating inputs are cast to the autocast dtype
+(float64 excepted) and the backend runs with autocast off, following its own precision policy (docs/design.md
+section 3). ``logit_scale`` is tested up to 1e3 (the model clamps it at 100).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from ._validate import check_llip_inputs, check_op, check_pos_offset, check_scalar
+from ._validate import autocast_inputs, autocast_off, check_llip_inputs, check_op, check_pos_offset, check_scalar
 from .algebra import Op
 
 
@@ -36,13 +40,15 @@ def llip_logits(
     ``z[i, j] = concat_h(sum_k softmax_k(<k[i,h,k], q[j,h]> / tau) * v[i,h,k]) @ w_out`` (docs/design.md section 1).
     ``logit_scale=None`` means 1 and ``logit_bias=None`` means 0 (so the result is the cosine itself).
     """
+    k, v, q, y, w_out = autocast_inputs(k, v, q, y, w_out)
     problem = check_llip_inputs(Op.LOGITS, k, v, q, y, w_out, tau=tau)
     t = check_scalar("logit_scale", logit_scale, k.device, 1.0)
     b = check_scalar("logit_bias", logit_bias, k.device, 0.0)
     if problem.Bi == 0 or problem.Bt == 0:
         return _empty_connected((problem.Bi, problem.Bt), k, v, q, y, w_out, t, b)
     impl = dispatch.select_backend(problem, backend)
-    return impl.logits(k, v, q, y, w_out, t, b, tau=problem.tau)
+    with autocast_off(k.device):
+        return impl.logits(k, v, q, y, w_out, t, b, tau=problem.tau)
 
 
 def llip_sigmoid_loss(
@@ -64,6 +70,7 @@ def llip_sigmoid_loss(
     (if that text exists) and -1 otherwise. ``pos_offset=None`` makes every pair negative, as for a block of
     texts gathered from another rank. Never builds a ``[Bi, Bt]`` tensor on the fused backends.
     """
+    k, v, q, y, w_out = autocast_inputs(k, v, q, y, w_out)
     problem = check_llip_inputs(Op.SIGMOID_LOSS, k, v, q, y, w_out, tau=tau)
     pos_offset = check_pos_offset(pos_offset)
     t = check_scalar("logit_scale", logit_scale, k.device, None)
@@ -71,7 +78,8 @@ def llip_sigmoid_loss(
     if problem.Bi == 0 or problem.Bt == 0:
         return _empty_connected((), k, v, q, y, w_out, t, b)
     impl = dispatch.select_backend(problem, backend)
-    return impl.sigmoid_loss(k, v, q, y, w_out, t, b, tau=problem.tau, pos_offset=pos_offset)
+    with autocast_off(k.device):
+        return impl.sigmoid_loss(k, v, q, y, w_out, t, b, tau=problem.tau, pos_offset=pos_offset)
 
 
 def llip_softmax_loss(
@@ -87,12 +95,14 @@ def llip_softmax_loss(
 ) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP) loss with Llip scores -> ``[]`` float32. Needs ``Bi == Bt``; pair ``(i, i)``
     is the positive. ``loss = (CE(logits, diag) + CE(logits^T, diag)) / 2`` with ``logits = logit_scale * cos``."""
+    k, v, q, y, w_out = autocast_inputs(k, v, q, y, w_out)
     problem = check_llip_inputs(Op.SOFTMAX_LOSS, k, v, q, y, w_out, tau=tau)
     t = check_scalar("logit_scale", logit_scale, k.device, None)
     if problem.Bi == 0:
         return _empty_connected((), k, v, q, y, w_out, t)
     impl = dispatch.select_backend(problem, backend)
-    return impl.softmax_loss(k, v, q, y, w_out, t, tau=problem.tau)
+    with autocast_off(k.device):
+        return impl.softmax_loss(k, v, q, y, w_out, t, tau=problem.tau)
 
 
 def llip_mix(
@@ -111,6 +121,7 @@ def llip_mix(
     ``all_pairs=True``: every pair -> ``[Bi, Bt, D]``; this is the tensor the fused ops avoid, so use it for
     analysis and small sets only.
     """
+    k, v, q, w_out = autocast_inputs(k, v, q, w_out)
     problem = check_llip_inputs(Op.MIX, k, v, q, None, w_out, tau=tau)
     if not isinstance(all_pairs, bool):
         raise TypeError(f"all_pairs must be a bool, got {type(all_pairs).__name__}")
@@ -123,7 +134,8 @@ def llip_mix(
     if problem.Bi == 0 or problem.Bt == 0:
         return _empty_connected(shape, k, v, q, w_out).to(k.dtype)
     impl = dispatch.select_backend(problem, backend)
-    return impl.mix(k, v, q, w_out, tau=problem.tau, all_pairs=all_pairs)
+    with autocast_off(k.device):
+        return impl.mix(k, v, q, w_out, tau=problem.tau, all_pairs=all_pairs)
 
 
 def _empty_connected(shape, *inputs: torch.Tensor) -> torch.Tensor:

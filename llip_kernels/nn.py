@@ -10,7 +10,8 @@ from ._validate import check_tau
 
 
 class LlipSigmoidLoss(nn.Module):
-    """``forward(k, v, q, y, w_out, logit_scale, logit_bias, pos_offset=0)`` -> SigLIP loss on Llip scores."""
+    """``forward(k, v, q, y, w_out, logit_scale, logit_bias, pos_offset=0)`` -> SigLIP loss on Llip scores. The
+    keywords are those of an llip model's output: ``LlipSigmoidLoss(model.tau)(**model(images, tokens))``."""
 
     def __init__(self, tau: float, backend: str | None = None):
         super().__init__()
@@ -27,14 +28,17 @@ class LlipSigmoidLoss(nn.Module):
 
 
 class LlipSoftmaxLoss(nn.Module):
-    """``forward(k, v, q, y, w_out, logit_scale)`` -> symmetric InfoNCE on Llip scores (``Bi == Bt``)."""
+    """``forward(k, v, q, y, w_out, logit_scale)`` -> symmetric InfoNCE on Llip scores (``Bi == Bt``).
+
+    ``logit_bias`` is accepted and ignored (InfoNCE is shift-invariant per row and column), so the output dict of
+    an llip model can be passed as is: ``LlipSoftmaxLoss(model.tau)(**model(images, tokens))``."""
 
     def __init__(self, tau: float, backend: str | None = None):
         super().__init__()
         self.tau = check_tau(tau)
         self.backend = backend
 
-    def forward(self, k, v, q, y, w_out, logit_scale) -> torch.Tensor:
+    def forward(self, k, v, q, y, w_out, logit_scale, logit_bias=None) -> torch.Tensor:
         return functional.llip_softmax_loss(k, v, q, y, w_out, logit_scale, tau=self.tau, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -179,28 +179,37 @@ def run_op(
     op: str, inputs: LlipInputs, backend: str, *, pos_offset: int | None = 0, grad_seed: int = 1, with_grad: bool = True
 ) -> OpResult:
     """Run ``op`` (``logits``, ``sigmoid_loss`` or ``softmax_loss``) and backpropagate a fixed random cotangent."""
+    out = call_op(op, inputs, backend, pos_offset=pos_offset)
+    if not with_grad:
+        return OpResult(out.detach())
+    return backpropagate(op, out, inputs, grad_seed=grad_seed)
+
+
+def call_op(op: str, inputs: LlipInputs, backend: str, *, pos_offset: int | None = 0) -> torch.Tensor:
+    """The forward pass of ``op`` through the public functional API (the output keeps its graph)."""
     x = inputs
     if op == "logits":
-        out = functional.llip_logits(
+        return functional.llip_logits(
             x.k, x.v, x.q, x.y, x.w_out, tau=x.tau, logit_scale=x.t, logit_bias=x.b, backend=backend
         )
-    elif op == "sigmoid_loss":
-        out = functional.llip_sigmoid_loss(
+    if op == "sigmoid_loss":
+        return functional.llip_sigmoid_loss(
             x.k, x.v, x.q, x.y, x.w_out, x.t, x.b, tau=x.tau, pos_offset=pos_offset, backend=backend
         )
-    elif op == "softmax_loss":
-        out = functional.llip_softmax_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, tau=x.tau, backend=backend)
-    else:
-        raise ValueError(f"unknown op {op!r}")
+    if op == "softmax_loss":
+        return functional.llip_softmax_loss(x.k, x.v, x.q, x.y, x.w_out, x.t, tau=x.tau, backend=backend)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def backpropagate(op: str, out: torch.Tensor, inputs: LlipInputs, *, grad_seed: int = 1) -> OpResult:
+    """Backpropagate a fixed random cotangent (seeded by ``grad_seed``) from ``out`` to every input that wants it."""
+    g = torch.Generator().manual_seed(grad_seed)
+    cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
+    wanted = {n: t for n, t in inputs.tensors().items() if t.requires_grad and not (op == "softmax_loss" and n == "b")}
+    grads = torch.autograd.grad(out, list(wanted.values()), cot, allow_unused=True)
     result = OpResult(out.detach())
-    if with_grad:
-        g = torch.Generator().manual_seed(grad_seed)
-        cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
-        tensors = x.tensors()
-        wanted = {n: t for n, t in tensors.items() if t.requires_grad and not (op == "softmax_loss" and n == "b")}
-        grads = torch.autograd.grad(out, list(wanted.values()), cot, allow_unused=True)
-        for n, gr in zip(wanted, grads):
-            result.grads[n] = torch.zeros_like(wanted[n]) if gr is None else gr.detach()
+    for n, gr in zip(wanted, grads):
+        result.grads[n] = torch.zeros_like(wanted[n]) if gr is None else gr.detach()
     return result
 
 

@@ -82,8 +82,11 @@ struct Scratch {
   at::Tensor T;               // [Ti, HK, D]: rows V_i[h,k] M_h (M's rows of head h), shared by G and its backward
   at::Tensor gs, Y, Ybuf;     // backward of G: [HK, HK], [D, HK] per image, [H, D, Ti*K] per block
   at::Tensor kbuf, vbuf;      // the block's keys / values, head-major [H, ti*K, d] (one row range per head)
-  at::Tensor dkbuf, dvbuf;    // their gradients, accumulated over the text tiles of the block
+  at::Tensor dkbuf, dvbuf;    // their gradients, summed over the text tiles of the block in float64
   at::Tensor kb, vb, dkb, dvb;  // views of the above for the current block
+  at::Tensor tile_out;        // float32 result of one gradient GEMM of a tile, before it joins a float64 sum
+  at::Tensor dGtile;          // [Ti, HK, HK] float32: one tile's dG, before it joins the float64 dG
+  at::Tensor dm_tile;         // [D, d] float32: one head's block of dM, before it joins the float64 dM
   std::vector<float> mx, sm;  // [Tj]
 };
 
@@ -134,7 +137,10 @@ std::vector<Scratch> make_scratch(const Inputs& in, int64_t n, bool backward) {
     s.dot = at::empty({pairs}, opts), s.n2 = at::empty({pairs}, opts);
     if (backward) {
       s.ddot = at::empty({pairs}, opts), s.dn2 = at::empty({pairs}, opts);
-      s.dG = at::empty({in.Ti, in.HK, in.HK}, opts);
+      s.dG = at::empty({in.Ti, in.HK, in.HK}, opts.dtype(at::kDouble));
+      s.dGtile = at::empty({in.Ti, in.HK, in.HK}, opts);
+      s.tile_out = at::empty({std::max(in.Ti * in.K, in.Tj) * in.d}, opts);
+      s.dm_tile = at::empty({in.D, in.d}, opts);
     }
     s.G = at::empty({in.Ti, in.HK, in.HK}, opts);
     s.T = at::empty({in.Ti, in.HK, in.D}, opts);
@@ -143,7 +149,10 @@ std::vector<Scratch> make_scratch(const Inputs& in, int64_t n, bool backward) {
       s.Ybuf = at::empty({in.H, in.D, in.Ti * in.K}, opts);
     }
     s.kbuf = at::empty({in.Ti * in.HK * in.d}, opts), s.vbuf = at::empty({in.Ti * in.HK * in.d}, opts);
-    if (backward) s.dkbuf = at::empty({in.Ti * in.HK * in.d}, opts), s.dvbuf = at::empty({in.Ti * in.HK * in.d}, opts);
+    if (backward) {
+      s.dkbuf = at::empty({in.Ti * in.HK * in.d}, opts.dtype(at::kDouble));
+      s.dvbuf = at::empty({in.Ti * in.HK * in.d}, opts.dtype(at::kDouble));
+    }
     s.mx.resize(in.Tj), s.sm.resize(in.Tj);
   }
   return out;
@@ -190,17 +199,25 @@ void gram_block_backward(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc, 
   at::Tensor ybuf = sc.Ybuf.narrow(2, 0, ti * K).view({H, D, ti, K});
   for (int64_t i = 0; i < ti; ++i) {
     at::Tensor vi = in.v[i0 + i];  // [H, K, d]
-    at::Tensor dGi = sc.dG[i];     // [HK, HK]
-    at::add_out(sc.gs, dGi, dGi.t());
+    sc.gs.copy_(sc.dG[i] + sc.dG[i].t());  // dG + dG^T, summed in float64, back to float32 for the GEMMs
+    at::Tensor dGi = sc.gs;
     at::Tensor Ti_blocks = sc.T[i].view({HK, H, d}).permute({1, 0, 2});  // [H(h), HK, d]: T_i[:, h-block]
-    dv[i0 + i].baddbmm_(sc.gs.view({H, K, HK}), Ti_blocks);
+    at::Tensor dvi = sc.tile_out.narrow(0, 0, K * d).view({K, d});
+    for (int64_t h = 0; h < H; ++h) {  // dV_i[h] += (dG + dG^T)[h rows] T_i[:, h-block], into the float64 dv
+      at::mm_out(dvi, dGi.view({H, K, HK})[h], Ti_blocks[h]);
+      dv[i0 + i][h].add_(dvi);
+    }
     at::Tensor Y_heads = sc.Y.view({H, d, HK});
-    at::bmm_out(Y_heads, vi.transpose(1, 2), dGi.view({H, K, HK}));
+    at::Tensor dG_half = sc.dGtile[0];
+    dG_half.copy_(sc.dG[i]);  // dG alone (float32) for dM
+    at::bmm_out(Y_heads, vi.transpose(1, 2), dG_half.view({H, K, HK}));
     ybuf.select(2, i).copy_(sc.Y.view({D, H, K}).permute({1, 0, 2}));  // [H(g), D, K]
   }
-  at::Tensor dm_blocks = dm.view({D, H, d});
+  at::Tensor dm_blocks = dm.view({D, H, d});  // float64, per thread
+  at::Tensor dm_g = sc.dm_tile;  // [D, d] float32
   for (int64_t g = 0; g < H; ++g) {
-    dm_blocks.select(1, g).addmm_(sc.Ybuf[g].narrow(1, 0, ti * K), sc.vb[g]);  // [D, ti*K] x [ti*K, d]
+    at::mm_out(dm_g, sc.Ybuf[g].narrow(1, 0, ti * K), sc.vb[g]);  // [D, ti*K] x [ti*K, d]
+    dm_blocks.select(1, g).add_(dm_g);
   }
 }
 
@@ -453,15 +470,19 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
   const int nth = working_threads(in);
   auto scr = make_scratch(in, nth, true);
   auto f32 = k.options();
-  at::Tensor dk = at::zeros({Bi, H, K, d}, f32), dv = at::zeros({Bi, H, K, d}, f32);
-  at::Tensor dq_all = at::zeros({H, Bt, d}, f32), du_all = at::zeros({H, Bt, d}, f32);
+  // Every gradient is a long sum (over texts for the image side, over images for the text side and dM): each
+  // tile's GEMM gives a float32 partial over its own block, and the partials are summed in float64, so the error
+  // stays that of one tile's sum however many tiles there are (docs/design.md section 6).
+  auto f64 = k.options().dtype(at::kDouble);
+  at::Tensor dk = at::zeros({Bi, H, K, d}, f64), dv = at::zeros({Bi, H, K, d}, f64);
+  at::Tensor dq_all = at::zeros({H, Bt, d}, f64), du_all = at::zeros({H, Bt, d}, f64);
   // Text-side and M gradients sum over images, so over threads: one partial each (dQ, dU: for the texts of the
   // current pass), added in thread order.
   const int64_t pass_len = std::min(Tp, std::max<int64_t>(Bt, 1));
   std::vector<at::Tensor> dqh(nth), duh(nth), dm(nth);
   for (int th = 0; th < nth; ++th) {
-    dqh[th] = at::empty({H, pass_len, d}, f32), duh[th] = at::empty({H, pass_len, d}, f32);
-    dm[th] = at::zeros({H, d, H, d}, f32);
+    dqh[th] = at::empty({H, pass_len, d}, f64), duh[th] = at::empty({H, pass_len, d}, f64);
+    dm[th] = at::zeros({H, d, H, d}, f64);
   }
   int64_t p0 = 0;  // first text of the current pass
   std::vector<double> row_dt(Bi, 0.0), row_db(Bi, 0.0), row_loss(with_loss ? Bi : 0, 0.0);
@@ -550,16 +571,20 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
       }
     }
     // Gradient GEMMs: image side (dK, dV and dG of the block, per thread) and text side (dQ, dU).
+    // Each GEMM writes the tile's float32 partial into tile_out, which joins its float64 sum.
     at::Tensor S = head_view(sc.S, in, t), C = head_view(sc.C, in, t);
+    at::Tensor img_part = sc.tile_out.narrow(0, 0, ti * K * d).view({ti * K, d});
+    at::Tensor txt_part = sc.tile_out.narrow(0, 0, tj * d).view({tj, d});
     for (int64_t h = 0; h < H; ++h) {
       at::Tensor qb = in.qh[h].narrow(0, t.j0, tj), ub = in.uh[h].narrow(0, t.j0, tj);
-      sc.dkb[h].addmm_(S[h], qb);
-      sc.dvb[h].addmm_(C[h], ub);
-      dqh[tid][h].narrow(0, t.j0 - p0, tj).addmm_(S[h].t(), sc.kb[h]);
-      duh[tid][h].narrow(0, t.j0 - p0, tj).addmm_(C[h].t(), sc.vb[h]);
+      sc.dkb[h].add_(at::mm_out(img_part, S[h], qb));
+      sc.dvb[h].add_(at::mm_out(img_part, C[h], ub));
+      dqh[tid][h].narrow(0, t.j0 - p0, tj).add_(at::mm_out(txt_part, S[h].t(), sc.kb[h]));
+      duh[tid][h].narrow(0, t.j0 - p0, tj).add_(at::mm_out(txt_part, C[h].t(), sc.vb[h]));
     }
     at::Tensor A = image_view(sc.A, in, t), P = image_view(sc.P, in, t);
-    sc.dG.narrow(0, 0, ti).baddbmm_(P, A.transpose(1, 2));
+    at::Tensor dG_part = sc.dGtile.narrow(0, 0, ti);
+    sc.dG.narrow(0, 0, ti).add_(at::bmm_out(dG_part, P, A.transpose(1, 2)));
   };
   for (p0 = 0; p0 < Bt; p0 += Tp) {
     const int64_t p1 = std::min(Bt, p0 + Tp);
@@ -571,8 +596,8 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
     }
   }
   for (int th = 1; th < nth; ++th) dm[0].add_(dm[th]);
-  auto unhead3 = [&](const at::Tensor& x) { return x.permute({1, 0, 2}).contiguous(); };
-  return {dk, dv, unhead3(dq_all), unhead3(du_all), dm[0].view({in.D, in.D}),
+  auto unhead3 = [&](const at::Tensor& x) { return x.permute({1, 0, 2}).to(at::kFloat).contiguous(); };
+  return {dk.to(at::kFloat), dv.to(at::kFloat), unhead3(dq_all), unhead3(du_all), dm[0].view({in.D, in.D}).to(at::kFloat),
           at::scalar_tensor(ordered_sum(row_dt), f32), at::scalar_tensor(ordered_sum(row_db), f32),
           at::scalar_tensor(with_loss ? ordered_sum(row_loss) / double(Bi) : 0.0, f32)};
 }

@@ -106,15 +106,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   Call c = prepare(k, v, q, u, g, gscale, t, b, tau);
   check_f32(gout, "gout", k, {});
   const c10::cuda::CUDAGuard guard(k.device());
-  at::Tensor dk = zeros_f32(k, k.sizes()), dv = zeros_f32(k, k.sizes());
-  at::Tensor dq = zeros_f32(k, q.sizes()), du = zeros_f32(k, q.sizes());
-  at::Tensor dg = zeros_f32(k, g.sizes());
-  at::Tensor dt_part = zeros_f32(k, {k.size(0)}), db_part = zeros_f32(k, {k.size(0)});
-  LlipGradsPtr grads{dk.data_ptr<float>(), dv.data_ptr<float>(), dq.data_ptr<float>(), du.data_ptr<float>(),
-                     dg.data_ptr<float>(), dt_part.data_ptr<float>(), db_part.data_ptr<float>()};
+  // float64 accumulators (the kernels sum each tile's float32 products into them), returned in float32
+  auto zeros_f64 = [&](at::IntArrayRef shape) { return at::zeros(shape, k.options().dtype(at::kDouble)); };
+  at::Tensor dk = zeros_f64(k.sizes()), dv = zeros_f64(k.sizes());
+  at::Tensor dq = zeros_f64(q.sizes()), du = zeros_f64(q.sizes());
+  at::Tensor dg = zeros_f64(g.sizes());
+  at::Tensor dt_part = zeros_f64({k.size(0)}), db_part = zeros_f64({k.size(0)});
+  LlipGradsPtr grads{dk.data_ptr<double>(), dv.data_ptr<double>(), dq.data_ptr<double>(), du.data_ptr<double>(),
+                     dg.data_ptr<double>(), dt_part.data_ptr<double>(), db_part.data_ptr<double>()};
   raise_if(llip_cuda_sigmoid_bwd(c.dtype, c.in, c.dims, int(pos_offset), has_pos ? 1 : 0, gout.data_ptr<float>(),
                                  grads, deterministic ? 1 : 0, c10::cuda::getCurrentCUDAStream().stream()));
-  return {dk, dv, dq, du, dg, dt_part, db_part};
+  auto f32 = [](const at::Tensor& x) { return x.to(at::kFloat); };
+  return {f32(dk), f32(dv), f32(dq), f32(du), f32(dg), f32(dt_part), f32(db_part)};
 }
 
 }  // namespace

@@ -46,18 +46,20 @@ const char* llip_cuda_sigmoid_fwd(LlipDtype dtype, LlipInputsPtr in, LlipDims di
                                   float* out, int grid_x, cudaStream_t stream);
 
 // Backward of the SigLIP loss. gout: float32 scalar dLoss/d(sum_ij -log sigmoid) (already divided by Bi).
-// Outputs, float32 and zero-filled by the caller: dk, dv [Bi, H, K, d] (written by one block per image),
+// Outputs, float64 and zero-filled by the caller: each tile's float32 products are summed into them in float64,
+// so the error of these long sums (over texts, over images) does not grow with the batch. dk, dv [Bi, H, K, d]
+// (written by one block per image),
 // dq, du [Bt, H, d] (float atomics; with deterministic != 0, a second launch with one block per text tile writes
 // them in a fixed order instead, recomputing the pair work), dg [Bi, HKp, HKp] (gradient w.r.t. the unscaled Gram
 // matrix), dt_part, db_part [Bi] (per-image partial sums of dLoss/dt and dLoss/db).
 struct LlipGradsPtr {
-  float* dk;
-  float* dv;
-  float* dq;
-  float* du;
-  float* dg;
-  float* dt_part;
-  float* db_part;
+  double* dk;
+  double* dv;
+  double* dq;
+  double* du;
+  double* dg;
+  double* dt_part;
+  double* db_part;
 };
 const char* llip_cuda_sigmoid_bwd(LlipDtype dtype, LlipInputsPtr in, LlipDims dims, int pos_offset, int has_pos,
                                   const float* gout, LlipGradsPtr grads, int deterministic, cudaStream_t stream);

@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(LlipInputsPtr in, 
   const int i = blockIdx.y, t = threadIdx.x;
   const float tv = kLoss ? *in.t : 0.f, bv = kLoss ? *in.b : 0.f;
   const int ntiles = (p.Bt + p.BT - 1) / p.BT;
-  float loss = 0.f;  // thread 0's running sum
+  double loss = 0.0;  // thread 0's running sum over the block's texts, in float64 (a long sum)
   for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
     const int j0 = tile * p.BT, nb = min(p.BT, p.Bt - j0);
     blk.tile_forward(j0, nb);
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(LlipInputsPtr in, 
     if (kLoss) {
       __syncthreads();
       if (t == 0)
-        for (int e = 0; e < nb; ++e) loss += blk.red[e];  // fixed order: deterministic
+        for (int e = 0; e < nb; ++e) loss += double(blk.red[e]);  // fixed order: deterministic
     }
   }
   if (kLoss && t == 0) out[size_t(i) * gridDim.x + blockIdx.x] = loss;
@@ -324,13 +324,14 @@ enum BwdMode {
   kBwdTextSide = 2,   // one block per text tile, every image; dQ, dU only, plain read-modify-write
 };
 
-// dQ / dU accumulation: atomics when several image blocks add to one text row at once, else the row's owner adds.
+// dQ / dU accumulation, in float64 (a long sum over images): atomics when several image blocks add to one text row at
+// once, else the row's owner adds.
 template <int kMode>
-__device__ __forceinline__ void add_text_side(float* p, float v) {
+__device__ __forceinline__ void add_text_side(double* p, float v) {
   if (kMode == kBwdAll) {
-    atomicAdd(p, v);
+    atomicAdd(p, double(v));
   } else {
-    *p += v;
+    *p += double(v);
   }
 }
 
@@ -357,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1) sigmoid_bwd_kernel(LlipInputsPtr 
   const int ntiles = (p.Bt + p.BT - 1) / p.BT;
   const int ld_f = blk.L.ld_f, ld_t = blk.L.ld_t;
   LLIP_SHARED_ARRAY(float, tile_scale, 2);  // power-of-two scales of (ds, ddot a) and of dn2 for this tile
-  float dt_acc = 0.f, db_acc = 0.f;
+  double dt_acc = 0.0, db_acc = 0.0;  // sums over every text: float64
 
   const int steps = kMode == kBwdTextSide ? p.Bi : ntiles;
   for (int step = 0; step < steps; ++step) {
@@ -434,24 +435,24 @@ __global__ void __launch_bounds__(kThreads, 1) sigmoid_bwd_kernel(LlipInputsPtr 
       const size_t img = (size_t(i) * p.H + h) * p.K * p.d;
       const size_t txt = (size_t(j0) * p.H + h) * p.d, txt_stride = size_t(p.H) * p.d;
       const int K = p.K, d = p.d;
-      float* dk = gr.dk + img;
-      float* dv = gr.dv + img;
-      float* dq = gr.dq + txt;
-      float* du = gr.du + txt;
+      double* dk = gr.dk + img;  // float64 sums over the text tiles (and, for dq / du, over the images)
+      double* dv = gr.dv + img;
+      double* dq = gr.dq + txt;
+      double* du = gr.du + txt;
       // dK_i[h] += DS @ Qs, dV_i[h] += PA @ Us: [Kp, BT] @ [BT, dp]
       if (kImageSide) {
         warp_gemm<T, wmma::row_major, wmma::row_major>(blk.DS, ld_t, blk.Qs, blk.L.ld_d, p.Kp, p.dp, p.BT, blk.scratch,
             [&](const float* sc, int m0, int n0) {
               for (int e = lane; e < 256; e += 32) {
                 const int r = m0 + (e >> 4), c = n0 + (e & 15);
-                if (r < K && c < d) dk[r * d + c] += sc[e] * unscale;
+                if (r < K && c < d) dk[r * d + c] += double(sc[e] * unscale);
               }
             });
         warp_gemm<T, wmma::row_major, wmma::row_major>(blk.PA, ld_t, blk.Us, blk.L.ld_d, p.Kp, p.dp, p.BT, blk.scratch,
             [&](const float* sc, int m0, int n0) {
               for (int e = lane; e < 256; e += 32) {
                 const int r = m0 + (e >> 4), c = n0 + (e & 15);
-                if (r < K && c < d) dv[r * d + c] += sc[e] * unscale;
+                if (r < K && c < d) dv[r * d + c] += double(sc[e] * unscale);
               }
             });
       }
@@ -482,11 +483,11 @@ __global__ void __launch_bounds__(kThreads, 1) sigmoid_bwd_kernel(LlipInputsPtr 
       blk.AsD[r * ld_t + c] = from_f<T>(to_f(blk.As[r * ld_t + c]) * blk.dn2[c] * sg);
     }
     __syncthreads();
-    float* dg = gr.dg + size_t(i) * p.HKp * p.HKp;
+    double* dg = gr.dg + size_t(i) * p.HKp * p.HKp;
     const int HKp = p.HKp;
     warp_gemm<T, wmma::row_major, wmma::col_major>(blk.AsD, ld_t, blk.As, ld_t, p.HKp, p.HKp, p.BT, blk.scratch,
         [&](const float* sc, int m0, int n0) {
-          for (int e = lane; e < 256; e += 32) dg[(m0 + (e >> 4)) * HKp + n0 + (e & 15)] += sc[e] * unscale_g;
+          for (int e = lane; e < 256; e += 32) dg[(m0 + (e >> 4)) * HKp + n0 + (e & 15)] += double(sc[e] * unscale_g);
         });
     // the next tile_forward starts with a barrier before it overwrites As
   }

@@ -122,8 +122,7 @@ class LlipModel(nn.Module):
         if self.kind == "llip":
             k, v = self.encode_image(images)
             q, y = self.encode_text(tokens)
-            dt = k.dtype  # autocast may leave some of these in float32 (e.g. after LayerNorm): the op wants one
-            out.update(k=k, v=v.to(dt), q=q.to(dt), y=y.to(dt), w_out=self.w_out.to(dt))
+            out.update(k=k, v=v, q=q, y=y, w_out=self.w_out)  # under autocast the ops bring these to one dtype
         else:
             out.update(image=self.encode_image(images), text=self.encode_text(tokens))
         return out
@@ -146,10 +145,10 @@ class LlipModel(nn.Module):
         Under ``torch.distributed`` with world size > 1 the global-batch versions of ``llip_kernels.distributed``
         are used (each rank passes its local batch); otherwise the local ops of ``llip_kernels``.
         """
-        # The ops take inputs in one dtype and accumulate in float32 themselves; autocast inside them would recast
-        # their internal products (e.g. to bf16), so it is switched off for the loss.
-        with torch.autocast(out["logit_scale"].device.type, enabled=False):
-            return self._loss(out, backend)
+        # Under autocast the ops cast their inputs to the autocast dtype and run their own precision policy inside
+        # (docs/design.md section 3), so the loss needs no autocast handling of its own; call it in the same
+        # autocast region as the forward pass (outside it, bf16 activations and a float32 w_out are refused).
+        return self._loss(out, backend)
 
     def _loss(self, out: dict, backend: str | None) -> torch.Tensor:
         import llip_kernels

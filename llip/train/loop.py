@@ -100,7 +100,9 @@ def compute_loss(net, model, images, tokens, *, backend=None, autocast=None) -> 
     Under DDP the loss covers the global batch (``model.loss`` picks the distributed op)."""
     with autocast if autocast is not None else contextlib.nullcontext():
         out = net(images, tokens)
-    return model.loss(out, backend=backend), out
+        # In the region too: under autocast the ops cast the model's mixed-dtype outputs (bf16 activations, float32
+        # w_out) to one dtype themselves; the backward pass runs after the region, as PyTorch advises.
+        return model.loss(out, backend=backend), out
 
 
 def total_steps(cfg: TrainConfig, samples_per_epoch: int | None) -> int:

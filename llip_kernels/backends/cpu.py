@@ -48,7 +48,7 @@ MAX_HK = 1024  # beyond this the 2(HK)^2 per-pair term of form 3 dominates: form
 TILE_TEXTS = 256  # texts per tile: long, contiguous rows for the vectorised loops
 TILE_FLOATS = 1 << 19  # floats per scratch buffer (4 of them): 2 MiB each, near L2 size
 # Texts per backward pass (rounded down to whole tiles): each thread keeps partial sums of dQ and dU for one pass,
-# 2 * TEXTS_PER_PASS * D floats (32 MiB at D = 512), instead of for all Bt texts; each extra pass recomputes the
+# 2 * TEXTS_PER_PASS * D doubles (64 MiB at D = 512), instead of for all Bt texts; each extra pass recomputes the
 # per-image Gram matrices, about 1.5% of a pass's pair work at B/16.
 TEXTS_PER_PASS = 8192
 FUSED_TRAINING_OPS = (Op.SIGMOID_LOSS,)  # under autograd, one sweep computes the loss and its gradients
@@ -195,6 +195,8 @@ def not_supported_reasons(problem: LlipProblem) -> list[str]:
         reasons.append(f"runs on CPU tensors only, got {problem.device.type}")
     if problem.op not in PAIR_OPS:
         reasons.append(f"does not implement {problem.op}")
+    if problem.dtype == torch.float64:
+        reasons.append("computes in float32 (float64 inputs: backend 'torch' or 'reference' keep float64)")
     if problem.H * problem.K > MAX_HK:
         reasons.append(
             f"H*K = {problem.H * problem.K} > {MAX_HK}: form 3 would spend 2*(H*K)^2 = "

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import settings
+from .._custom_ops import autograd_inside, define
 from .._validate import LlipProblem
 from ..algebra import (
     EPS,
@@ -64,21 +65,21 @@ def algebraic_form(problem: LlipProblem) -> int:
 
 
 def logits(k, v, q, y, w_out, t, b, *, tau: float) -> torch.Tensor:
-    return _ChunkedLlip.apply(_LogitsHead, tau, None, k, v, q, y, w_out, t, b)
+    return torch_pairs(k, v, q, y, w_out, t, b, Op.LOGITS.value, tau, None)[0]
 
 
 def sigmoid_loss(k, v, q, y, w_out, t, b, *, tau: float, pos_offset: int | None) -> torch.Tensor:
-    return _ChunkedLlip.apply(_SigmoidLossHead, tau, pos_offset, k, v, q, y, w_out, t, b)
+    return torch_pairs(k, v, q, y, w_out, t, b, Op.SIGMOID_LOSS.value, tau, pos_offset)[0]
 
 
 def softmax_loss(k, v, q, y, w_out, t, *, tau: float) -> torch.Tensor:
     b = torch.zeros((), dtype=t.dtype, device=t.device)  # no bias in InfoNCE; its gradient is dropped
-    return _ChunkedLlip.apply(_SoftmaxLossHead, tau, None, k, v, q, y, w_out, t, b)
+    return torch_pairs(k, v, q, y, w_out, t, b, Op.SOFTMAX_LOSS.value, tau, None)[0]
 
 
 def mix(k, v, q, w_out, *, tau: float, all_pairs: bool) -> torch.Tensor:
     if all_pairs:
-        return _ChunkedLlip.apply(_MixHead, tau, None, k, v, q, None, w_out, None, None)
+        return torch_pairs(k, v, q, None, w_out, None, None, Op.MIX.value, tau, None)[0]
     # Aligned pairs: O(B * H * K) work and memory, nothing to chunk; plain autograd in float32.
     cdt = _compute_dtype(k.dtype)
     return mix_aligned(*(x.to(cdt) for x in (k, v, q, w_out)), tau).to(k.dtype)
@@ -174,7 +175,10 @@ def _matmul_dtype(dtype: torch.dtype, cdt: torch.dtype) -> torch.dtype:
 def _attention(kH: torch.Tensor, q: torch.Tensor, K: int, tau: float) -> torch.Tensor:
     """``softmax_k(<k, q> / tau)`` for a chunk: ``kH [H, bi*K, d]``, ``q [bt, H, d]`` -> ``[H, bt, bi, K]``."""
     H, biK, _ = kH.shape
-    s = torch.matmul((q * (1.0 / tau)).transpose(0, 1), kH.transpose(1, 2))  # [H, bt, bi*K]
+    # Scale the scores, not q: 1/tau is rarely a power of two, so pre-scaling rounds every element of q, and at a
+    # small tau (a peaked softmax) those roundings add up to several times the error of one rounding of each score
+    # (dk and dq at tau = 0.05 were up to 4x the same-dtype reference's error).
+    s = torch.matmul(q.transpose(0, 1), kH.transpose(1, 2)).mul_(1.0 / tau)  # [H, bt, bi*K]
     return torch.softmax(s.view(H, q.shape[0], biK // K, K), dim=-1)
 
 
@@ -466,6 +470,12 @@ class _SoftmaxLossHead:
     def result(self):
         return (0.5 * (self.row.mean() + self.col.mean()) - self.diag.mean()).to(self.out_dtype)
 
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.row.clone(), self.col.clone()
+
+    def restore(self, row: torch.Tensor, col: torch.Tensor) -> None:
+        self.row, self.col = row.to(self.t.dtype), col.to(self.t.dtype)
+
     def dlogits(self, I, J, lg, grad_out):
         g = (torch.exp(lg - self.row[I, None]) + torch.exp(lg - self.col[None, J])) / (2 * self.B)
         idx = self._diag_idx(I, J)
@@ -483,6 +493,9 @@ class _MixHead:
     def __init__(self, Bi, Bt, D, device, dtype):
         self.out = torch.empty(Bi, Bt, D, dtype=dtype, device=device)
 
+    def statistics(self):
+        return _no_statistics(self.out)
+
     def forward(self, I, J, z):
         self.out[I, J] = z
 
@@ -490,106 +503,196 @@ class _MixHead:
         return self.out
 
 
-# ---- the autograd function --------------------------------------------------------------------------------
+# ---- the chunked passes, registered as custom ops ----------------------------------------------------------
+#
+# The passes are torch.library custom ops (llip_kernels._custom_ops) with shape-only fake twins, so that
+# torch.compile(fullgraph=True) sees one opaque op per pass instead of tracing the chunk loops (whose backward calls
+# torch.autograd.grad, which dynamo cannot trace). The softmax loss's row and column log-sum-exps are extra outputs
+# of the forward pass, saved for the backward pass; the other heads return empty statistics.
+
+HEADS = {Op.LOGITS: _LogitsHead, Op.SIGMOID_LOSS: _SigmoidLossHead, Op.SOFTMAX_LOSS: _SoftmaxLossHead, Op.MIX: _MixHead}
+Tensor = torch.Tensor
 
 
 def _chunks(n: int, c: int):
     return [slice(s, min(s + c, n)) for s in range(0, n, c)]
 
 
-class _ChunkedLlip(torch.autograd.Function):
-    """Forward: loop over image chunks (per-image side computed once) and text chunks, feeding each chunk's
-    cosines (or ``z`` for mix) to the head. Backward: the same loops, recomputing each chunk under autograd."""
+def _no_statistics(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return like.new_empty(0, dtype=torch.float32), like.new_empty(0, dtype=torch.float32)
 
-    @staticmethod
-    def forward(ctx, head_cls, tau, pos_offset, k, v, q, y, w_out, t, b):
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Pass:
+    """What a forward pass and its backward pass share: the form, the chunk sizes, the compute dtypes, the head."""
+
+    def __init__(self, op: str, k, q, t, b, pos_offset):
         Bi, H, K, d = k.shape
         Bt = q.shape[0]
-        cdt = _compute_dtype(k.dtype)
-        form_number = choose_form(head_cls.op, H, K, d, Bi, Bt)
-        form = FORMS[form_number]
-        bi, bt = plan_chunks(head_cls.op, form_number, Bi, Bt, H, K, d, torch.finfo(cdt).bits // 8)
-        kc, vc, qc, wc = (x.to(cdt) for x in (k, v, q, w_out))
-        yc = None if y is None else y.to(cdt)
-        mm = _matmul_dtype(k.dtype, cdt)
-        wm = wc.to(mm) if form.uses_w else None
-        if head_cls is _MixHead:
-            head = _MixHead(Bi, Bt, H * d, k.device, k.dtype)
-            ts = None
+        self.op = Op(op)
+        self.cdt = _compute_dtype(k.dtype)
+        form_number = choose_form(self.op, H, K, d, Bi, Bt)
+        self.form = FORMS[form_number]
+        self.bi, self.bt = plan_chunks(self.op, form_number, Bi, Bt, H, K, d, torch.finfo(self.cdt).bits // 8)
+        self.mm = _matmul_dtype(k.dtype, self.cdt)
+        if self.op == Op.MIX:
+            self.ts = None
+            self.head = _MixHead(Bi, Bt, H * d, k.device, k.dtype)
         else:
-            ts = (t.to(cdt), b.to(cdt))
-            head = head_cls(Bi, Bt, *ts, pos_offset, k.device, torch.float64 if cdt == torch.float64 else torch.float32)
-        txt = form.text_side(qc, yc, wc)
-        for I in _chunks(Bi, bi):
-            img = form.image_side(kc[I], vc[I], wc, mm)
-            for J in _chunks(Bt, bt):
-                tj = [x[J] for x in txt]
-                head.forward(I, J, form.z(img, tj, wm, tau) if head.value == "z" else form.cos(img, tj, wm, tau))
-        ctx.save_for_backward(k, v, q, y, w_out, t, b)
-        ctx.setup = (head, form, tau, bi, bt, cdt, ts, mm)
-        return head.result()
+            # Detached: the backward pass re-enables autograd for its chunks, and a t or b that requires grad would
+            # otherwise chain every chunk's graph into dt and db and keep all of them alive to the end.
+            self.ts = (t.detach().to(self.cdt), b.detach().to(self.cdt))
+            self.head = HEADS[self.op](Bi, Bt, *self.ts, pos_offset, k.device, _loss_dtype(self.cdt))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        k, v, q, y, w_out, t, b = ctx.saved_tensors
-        head, form, tau, bi, bt, cdt, ts, mm = ctx.setup
-        Bi, Bt = k.shape[0], q.shape[0]
-        with torch.enable_grad():
-            qc, wc = (x.detach().to(cdt).requires_grad_() for x in (q, w_out))
-            yc = None if y is None else y.detach().to(cdt).requires_grad_()
-            kc, vc = (x.detach().to(cdt) for x in (k, v))
-            txt = form.text_side(qc, yc, wc)
-            txt_d = [x.detach() for x in txt]
-            dtxt = [torch.zeros_like(x) for x in txt_d]
-            dk, dv, dw = torch.zeros_like(kc), torch.zeros_like(vc), torch.zeros_like(wc)
-            dt = db = torch.zeros((), dtype=cdt, device=k.device)
-            for I in _chunks(Bi, bi):
-                kI, vI = kc[I].requires_grad_(), vc[I].requires_grad_()
-                img = form.image_side(kI, vI, wc, mm)
-                img_d = [x.detach() for x in img]
-                dimg = [None] * len(img_d)  # summed over the text chunks, in float32
-                for J in _chunks(Bt, bt):
-                    tj = [x[J] for x in txt_d]
-                    wl = wc.detach().to(mm) if form.uses_w else None
-                    if head.value == "z":
-                        _, vjp = _autograd_vjp(form.z, img_d, tj, wl, tau)
-                        dval = grad_out[I, J].to(cdt)
-                    else:
-                        cos, vjp = form.cos_vjp(img_d, tj, wl, tau)
-                        tf, bf = ts
-                        g = head.dlogits(I, J, tf * cos + bf, grad_out)  # dL/dlogit, [bi, bt]
-                        dt = dt + (g * cos).sum()
-                        db = db + g.sum()
-                        dval = g * tf
-                    gimg, gtxt, gw = vjp(dval)
-                    for n, gr in enumerate(gimg):
-                        if gr is not None:
-                            dimg[n] = gr.to(cdt) if dimg[n] is None else dimg[n].add_(gr)
-                    for acc, gr in zip(dtxt, gtxt):
-                        if gr is not None:
-                            acc[J] += gr
-                    if gw is not None:
-                        dw += gw.to(cdt)
-                outs = [(x, g.to(x.dtype)) for x, g in zip(img, dimg) if g is not None]
-                gk, gv, gw = torch.autograd.grad(
-                    [o for o, _ in outs], [kI, vI, wc], [g for _, g in outs], allow_unused=True
-                )
-                dk[I], dv[I] = gk, gv
+
+def _pairs(
+    k: Tensor,
+    v: Tensor,
+    q: Tensor,
+    y: Tensor | None,
+    w_out: Tensor,
+    t: Tensor | None,
+    b: Tensor | None,
+    op: str,
+    tau: float,
+    pos_offset: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward: loop over image chunks (per-image side computed once) and text chunks, feeding each chunk's cosines
+    (or ``z`` for mix) to the head -> ``(result, lse_row, lse_col)`` (the statistics: softmax loss only)."""
+    run = _Pass(op, k, q, t, b, pos_offset)
+    form, head, cdt = run.form, run.head, run.cdt
+    kc, vc, qc, wc = (x.to(cdt) for x in (k, v, q, w_out))
+    yc = None if y is None else y.to(cdt)
+    wm = wc.to(run.mm) if form.uses_w else None
+    txt = form.text_side(qc, yc, wc)
+    for I in _chunks(k.shape[0], run.bi):
+        img = form.image_side(kc[I], vc[I], wc, run.mm)
+        for J in _chunks(q.shape[0], run.bt):
+            tj = [x[J] for x in txt]
+            head.forward(I, J, form.z(img, tj, wm, tau) if head.value == "z" else form.cos(img, tj, wm, tau))
+    row, col = head.statistics() if hasattr(head, "statistics") else _no_statistics(k)
+    return head.result(), row, col
+
+
+def _pairs_backward(
+    grad_out: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q: Tensor,
+    y: Tensor | None,
+    w_out: Tensor,
+    t: Tensor | None,
+    b: Tensor | None,
+    lse_row: Tensor,
+    lse_col: Tensor,
+    op: str,
+    tau: float,
+    pos_offset: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward: the same loops, recomputing each chunk, pulling the chunk's gradient through it and accumulating
+    per-image / per-text gradients -> ``(dk, dv, dq, dy, dw_out, dt, db)`` (empty for absent inputs)."""
+    run = _Pass(op, k, q, t, b, pos_offset)
+    form, head, cdt, mm, ts = run.form, run.head, run.cdt, run.mm, run.ts
+    if run.op == Op.SOFTMAX_LOSS:
+        head.restore(lse_row, lse_col)
+    Bi, Bt = k.shape[0], q.shape[0]
+    with autograd_inside():  # each chunk is differentiated with torch.autograd.grad
+        qc, wc = (x.detach().to(cdt).requires_grad_() for x in (q, w_out))
+        yc = None if y is None else y.detach().to(cdt).requires_grad_()
+        kc, vc = (x.detach().to(cdt) for x in (k, v))
+        txt = form.text_side(qc, yc, wc)
+        txt_d = [x.detach() for x in txt]
+        dtxt = [torch.zeros_like(x) for x in txt_d]
+        dk, dv, dw = torch.zeros_like(kc), torch.zeros_like(vc), torch.zeros_like(wc)
+        dt = db = torch.zeros((), dtype=cdt, device=k.device)
+        for I in _chunks(Bi, run.bi):
+            kI, vI = kc[I].requires_grad_(), vc[I].requires_grad_()
+            img = form.image_side(kI, vI, wc, mm)
+            img_d = [x.detach() for x in img]
+            dimg = [None] * len(img_d)  # summed over the text chunks, in float32
+            for J in _chunks(Bt, run.bt):
+                tj = [x[J] for x in txt_d]
+                wl = wc.detach().to(mm) if form.uses_w else None
+                if head.value == "z":
+                    _, vjp = _autograd_vjp(form.z, img_d, tj, wl, tau)
+                    dval = grad_out[I, J].to(cdt)
+                else:
+                    cos, vjp = form.cos_vjp(img_d, tj, wl, tau)
+                    tf, bf = ts
+                    g = head.dlogits(I, J, tf * cos + bf, grad_out)  # dL/dlogit, [bi, bt]
+                    dt = dt + (g * cos).sum()
+                    db = db + g.sum()
+                    dval = g * tf
+                gimg, gtxt, gw = vjp(dval)
+                for n, gr in enumerate(gimg):
+                    if gr is not None:
+                        dimg[n] = gr.to(cdt) if dimg[n] is None else dimg[n].add_(gr)
+                for acc, gr in zip(dtxt, gtxt):
+                    if gr is not None:
+                        acc[J] += gr
                 if gw is not None:
-                    dw += gw
-            wanted = [x for x in (qc, yc, wc) if x is not None]
-            gtxt = torch.autograd.grad(txt, wanted, dtxt, allow_unused=True)
-        gq, gw = gtxt[0], gtxt[-1]
-        gy = gtxt[1] if y is not None else None
-        if gw is not None:
-            dw += gw
-        out = [None, None, None, dk.to(k.dtype), dv.to(v.dtype), _to(gq, q), _to(gy, y), dw.to(w_out.dtype)]
-        if head.value == "z":
-            return (*out, None, None)
-        return (*out, dt.to(t.dtype).reshape(t.shape), db.to(b.dtype).reshape(b.shape))
+                    dw += gw.to(cdt)
+            outs = [(x, g.to(x.dtype)) for x, g in zip(img, dimg) if g is not None]
+            gk, gv, gw = torch.autograd.grad(
+                [o for o, _ in outs], [kI, vI, wc], [g for _, g in outs], allow_unused=True
+            )
+            dk[I], dv[I] = gk, gv
+            if gw is not None:
+                dw += gw
+        wanted = [x for x in (qc, yc, wc) if x is not None]
+        gtxt = torch.autograd.grad(txt, wanted, dtxt, allow_unused=True)
+    gq, gw = gtxt[0], gtxt[-1]
+    gy = gtxt[1] if y is not None else None
+    if gw is not None:
+        dw += gw
+    dt_out = k.new_empty(0, dtype=torch.float32) if t is None else dt.to(t.dtype).reshape(t.shape)
+    db_out = k.new_empty(0, dtype=torch.float32) if b is None else db.to(b.dtype).reshape(b.shape)
+    dy_out = k.new_empty(0, dtype=torch.float32) if y is None else _to(gy, y)  # fresh: custom ops may not return
+    return dk.to(k.dtype), dv.to(v.dtype), _to(gq, q), dy_out, dw.to(w_out.dtype), dt_out, db_out  # a tensor twice
 
 
 def _to(g, like):
-    if like is None:
-        return None
+    """``g`` as the gradient of ``like``: zeros where autograd found none."""
     return torch.zeros_like(like) if g is None else g.to(like.dtype)
+
+
+def _pairs_fake(k, v, q, y, w_out, t, b, op, tau, pos_offset):
+    Bi, Bt, D = k.shape[0], q.shape[0], w_out.shape[0]
+    out_dtype = _loss_dtype(k.dtype)
+    shape = {Op.LOGITS: (Bi, Bt), Op.MIX: (Bi, Bt, D)}.get(Op(op), ())
+    out = k.new_empty(shape, dtype=k.dtype if Op(op) == Op.MIX else out_dtype)
+    if Op(op) == Op.SOFTMAX_LOSS:
+        return out, k.new_empty(Bi, dtype=out_dtype), k.new_empty(Bt, dtype=out_dtype)
+    return (out, *_no_statistics(k))
+
+
+def _pairs_backward_fake(grad_out, k, v, q, y, w_out, t, b, lse_row, lse_col, op, tau, pos_offset):
+    def like(x):
+        return k.new_empty(0, dtype=torch.float32) if x is None else torch.empty_like(x)
+
+    return like(k), like(v), like(q), like(y), like(w_out), like(t), like(b)
+
+
+torch_pairs = define("torch_pairs", _pairs, fake=_pairs_fake)
+torch_pairs_backward = define("torch_pairs_backward", _pairs_backward, fake=_pairs_backward_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    k, v, q, y, w_out, t, b, op, tau, pos_offset = inputs
+    _, lse_row, lse_col = output
+    ctx.save_for_backward(k, v, q, y, w_out, t, b, lse_row, lse_col)
+    ctx.params = (op, tau, pos_offset)
+
+
+def _backward(ctx, grad, _grad_lse_row, _grad_lse_col):
+    k, v, q, y, w_out, t, b, lse_row, lse_col = ctx.saved_tensors
+    dk, dv, dq, dy, dw, dt, db = torch_pairs_backward(grad, k, v, q, y, w_out, t, b, lse_row, lse_col, *ctx.params)
+    absent = [x is None for x in (y, t, b)]  # mix has no y, t, b: no gradient for them
+    dy, dt, db = (None if gone else g for gone, g in zip(absent, (dy, dt, db)))
+    return dk, dv, dq, dy, dw, dt, db, None, None, None
+
+
+torch_pairs.register_autograd(_backward, setup_context=_setup_context)

@@ -194,29 +194,6 @@ def test_opcheck():
     torch.library.opcheck(ops.cpu_softmax_loss, (k, v, q, u, m, t, 2.0, 2, 4))
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_torch_compile_fullgraph(op):
-    x = _inputs(op, 6, 9, 2, 3, 16, seed=4)
-
-    def f(k, v, q, y, w_out, t, b):
-        if op == "logits":
-            return lk.llip_logits(k, v, q, y, w_out, tau=x.tau, logit_scale=t, logit_bias=b, backend="cpu").sum()
-        if op == "sigmoid_loss":
-            return lk.llip_sigmoid_loss(k, v, q, y, w_out, t, b, tau=x.tau, backend="cpu")
-        return lk.llip_softmax_loss(k, v, q, y, w_out, t, tau=x.tau, backend="cpu") + 0 * b
-
-    args = list(x.tensors().values())
-    eager = f(*args)
-    eager_grads = torch.autograd.grad(eager, args)
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    out = compiled(*args)
-    grads = torch.autograd.grad(out, args)
-    torch.testing.assert_close(out, eager)
-    for a, e in zip(grads, eager_grads):
-        torch.testing.assert_close(a, e)
-
-
 def test_refuses_huge_hk_with_reason():
     p = LlipProblem("sigmoid_loss", 4, 4, 2, 600, 8, torch.float32, torch.device("cpu"), 1.0, True)
     why = cpu_backend.not_supported_reasons(p)

@@ -93,15 +93,8 @@ class HostKernelExtension:
     def sigmoid_bwd(self, gout, k, v, q, u, g, gscale, t, b, tau, pos_offset, has_pos, deterministic):
         keep, dims, inputs, dtype = self._call(k, v, q, u, g, gscale, t, b, tau)
         Bi = k.shape[0]
-        outs = [
-            torch.zeros(k.shape),
-            torch.zeros(k.shape),
-            torch.zeros(q.shape),
-            torch.zeros(q.shape),
-            torch.zeros(g.shape),
-            torch.zeros(Bi),
-            torch.zeros(Bi),
-        ]
+        shapes = (k.shape, k.shape, q.shape, q.shape, g.shape, (Bi,), (Bi,))
+        outs = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]  # the kernels' float64 accumulators
         grads = _Grads(*[x.data_ptr() for x in outs])
         gout = gout.contiguous()
         err = self.lib.emu_sigmoid_bwd(
@@ -115,7 +108,7 @@ class HostKernelExtension:
             int(deterministic),
         )
         self._check(err)
-        return tuple(outs)
+        return tuple(x.float() for x in outs)
 
 
 @pytest.fixture(scope="module")

@@ -240,3 +240,15 @@ def test_flops():
     assert triton_backend.flops("sigmoid_loss", Bi, Bt, H, K, d, True, deterministic=True) > bwd
     with pytest.raises(ValueError, match="op must be"):
         triton_backend.flops("mix", 1, 1, 1, 1, 16)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(op):
+    """The kernels are torch.library custom ops: schema, fake twin, autograd registration, and their use under AOT
+    dispatch with dynamic shapes (``torch.library.opcheck``), like the cpu and cuda ops."""
+    x = make_llip_inputs(3, 3 if op == "softmax_loss" else 5, 2, 3, 16, seed=5, device=DEVICE)
+    prec = launch.precision_for(x.k.dtype)
+    u, gram = launch.precompute(x.v.detach(), x.y.detach(), x.w_out.detach(), prec.gram_dtype)
+    k, v, q = (a.detach().clone().requires_grad_() for a in (x.k, x.v, x.q))
+    u, gram, t, b = (a.detach().clone().requires_grad_() for a in (u, gram, x.t, x.b))
+    torch.library.opcheck(torch.ops.llip_kernels.triton_pairs, (k, v, q, u, gram, t, b, op, 2.0))

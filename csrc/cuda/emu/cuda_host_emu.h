@@ -109,6 +109,7 @@ inline void __syncthreads() { llip_emu::g_block->block_barrier->arrive_and_wait(
 inline void __syncwarp(unsigned = 0xffffffffu) { llip_emu::g_block->warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
 
 // The CUDA runtime calls of the launchers.
 inline int g_last_error = 0;

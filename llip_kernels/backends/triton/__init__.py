@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch
+
 from ... import settings
 from ..._validate import LlipProblem
 from ...algebra import PAIR_OPS, image_flops, pair_flops, pair_grad_flops, text_flops
@@ -52,14 +54,18 @@ BACKWARD_BLOCK_K = 32  # the backward's token tile (launch.MAX_BLOCK_K_BWD): K b
 FLOP_FORM = "triton: form 3, 4KD + 2(HK)^2 per pair fwd; bwd recomputes it and adds 8KD + 2(HK)^2"
 
 
+@torch.compiler.assume_constant_result
+def _triton_installed() -> bool:
+    """Whether Triton can be imported (asked once per call site; a constant for torch.compile)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def environment_reasons() -> list[str]:
     """What this machine lacks for the triton backend (empty: it can run on a CUDA device or the interpreter)."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return ["triton is not installed (pip install triton)"]
     if settings.triton_interpreting():
         return []
-    import torch
-
     if not torch.cuda.is_available():
         return ["needs a CUDA device or TRITON_INTERPRET=1"]
     return []
@@ -67,10 +73,8 @@ def environment_reasons() -> list[str]:
 
 def not_supported_reasons(problem: LlipProblem) -> list[str]:
     """Why this backend cannot run ``problem``; empty if it can."""
-    import torch
-
     reasons = []
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return ["triton is not installed (pip install triton)"]
     if problem.op not in PAIR_OPS:
         reasons.append(f"does not implement llip {problem.op}")

@@ -35,6 +35,7 @@ class KernelSpec:
     label: str  # e.g. "backward[op=sigmoid_loss,pass=atomic]"
     fn: object
     constexprs: dict  # including the pointer arguments passed as None
+    float64: tuple  # pointer arguments of float64 buffers
     num_warps: int
     num_stages: int
     maxnreg: int | None = None  # ptxas register cap, as the launcher passes it
@@ -48,6 +49,7 @@ def launch_specs(H: int, K: int, d: int, dtype: torch.dtype, Bt: int = 32768, ca
     from .launch import (
         ATOMIC_PASSES,
         DETERMINISTIC_PASSES,
+        float64_pointers,
         launch_constexprs,
         precision_for,
         tile_config,
@@ -66,16 +68,17 @@ def launch_specs(H: int, K: int, d: int, dtype: torch.dtype, Bt: int = 32768, ca
         for text_stationary in (False, True) if op == Op.SOFTMAX_LOSS else (False,):
             label = f"forward[op={op}" + (",text-stationary]" if text_stationary else "]")
             c = dict(consts, OP=op.code, TEXT_STATIONARY=text_stationary)
-            specs.append(KernelSpec(label, forward_kernel, c, *opts))
+            specs.append(KernelSpec(label, forward_kernel, c, float64_pointers("forward", op), *opts))
     for op in PAIR_OPS:
         for pass_ in ATOMIC_PASSES + DETERMINISTIC_PASSES:
             consts, opts = config(backward=True, text_pass=pass_ == "text")
             c = dict(consts, OP=op.code, PASS=pass_, **dict.fromkeys(unused_pointers("backward", op, pass_)))
-            specs.append(KernelSpec(f"backward[op={op},pass={pass_}]", backward_kernel, c, *opts))
+            label = f"backward[op={op},pass={pass_}]"
+            specs.append(KernelSpec(label, backward_kernel, c, float64_pointers("backward", op), *opts))
     return specs
 
 
-def _signature(fn, constexprs: dict, dtype: torch.dtype) -> dict:
+def _signature(fn, constexprs: dict, dtype: torch.dtype, float64: tuple = ()) -> dict:
     from .launch import precision_for
 
     io = _TL_DTYPE[dtype]
@@ -88,6 +91,8 @@ def _signature(fn, constexprs: dict, dtype: torch.dtype) -> dict:
             sig[name] = "*" + io
         elif name == "gram_ptr":
             sig[name] = "*" + gram
+        elif name in float64:
+            sig[name] = "*fp64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         elif name in ("scale2", "inv_tau"):
@@ -129,7 +134,8 @@ def compile_spec(spec: KernelSpec, dtype: torch.dtype, capability: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=spec.fn, signature=_signature(spec.fn, spec.constexprs, dtype), constexprs=spec.constexprs)
+    signature = _signature(spec.fn, spec.constexprs, dtype, spec.float64)
+    src = ASTSource(fn=spec.fn, signature=signature, constexprs=spec.constexprs)
     target = GPUTarget("cuda", capability, 32)
     options = dict(num_warps=spec.num_warps, num_stages=spec.num_stages)
     if spec.maxnreg is not None:

@@ -242,7 +242,10 @@ def forward_kernel(
     for w in range(pid, n_outer * n_split, tl.num_programs(0)):
         outer = w // n_split + 0 * pid  # a tensor under the interpreter too (its loop counters are Python ints)
         s = w % n_split
-        loss = tl.zeros([BT], dtype=tl.float32)
+        # Blocked sums: each of the BT lanes sums every BT-th text (or image), and the lanes meet in a tree
+        # (tl.sum) at the end, so rounding grows with the lane's length, not the batch's. The loss lanes are
+        # float64; the log-sum-exp's rescaled terms are at most 1 and stay float32, as in torch's own.
+        loss = tl.zeros([BT], dtype=tl.float64)
         m_run = tl.full([BT], -1e30, dtype=tl.float32)  # online log-sum-exp per lane: running max and sum
         l_run = tl.zeros([BT], dtype=tl.float32)
         for inner in range(s, n_inner, n_split):
@@ -266,7 +269,7 @@ def forward_kernel(
             if OP == OP_LOGITS:
                 tl.store(out_ptr + i.to(tl.int64) * Bt + o_t, x, mask=m_t)
             elif OP == OP_SIGMOID_LOSS:
-                loss += tl.where(m_t, tl.maximum(x, 0.0) + _log1p_exp_neg_abs(x=x), 0.0)
+                loss += tl.where(m_t, tl.maximum(x, 0.0) + _log1p_exp_neg_abs(x=x), 0.0).to(tl.float64)
             elif TEXT_STATIONARY:
                 m_new = tl.maximum(m_run, x)
                 l_run = l_run * tl.exp(m_run - m_new) + tl.exp(x - m_new)

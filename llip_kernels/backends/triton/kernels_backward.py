@@ -42,6 +42,9 @@ from .kernels import (
 
 @triton.jit
 def _accumulate(ptr, val, mask, ATOMIC: tl.constexpr):
+    """``*ptr += val`` into a float64 gradient: every gradient is a long sum (over texts, or over images), so each
+    tile's float32 partial joins it in float64 and the error does not grow with the batch."""
+    val = val.to(tl.float64)
     if ATOMIC:
         tl.atomic_add(ptr, val, mask=mask)
     else:
@@ -202,7 +205,7 @@ def _pair_grad_coefs(
     if OP == OP_LOGITS:
         g = tl.load(gout_ptr + i.to(tl.int64) * Bt + o_t, mask=m_t, other=0.0)
     elif OP == OP_SIGMOID_LOSS:
-        g = g_scale / (1.0 + tl.exp(-x))
+        g = g_scale * tl.sigmoid(x)
     else:
         lse_col = tl.load(lse_col_ptr + o_t, mask=m_t, other=0.0)
         g = g_scale * (tl.exp(x - tl.load(lse_row_ptr + i)) + tl.exp(x - lse_col))
@@ -252,8 +255,9 @@ def backward_kernel(
 ):
     """Persistent backward (see the module docstring for ``PASS``). ``gout``: the upstream ``[Bi, Bt]`` gradient
     (``OP_LOGITS``) or the loss's scaled 0-dim cotangent; ``lse_row [Bi]``, ``lse_col [Bt]``: the softmax loss's
-    log-sum-exps (None otherwise). Image-stationary passes also write the partial sums of dt, db per work item ->
-    ``dtb[w, 0:2]``. Pointers a pass does not write are None (``"image"``: dq, du; ``"text"``: dk, dv, dgram, dtb).
+    log-sum-exps (None otherwise). Gradients are float64 buffers (see :func:`_accumulate`). Image-stationary passes
+    also write the float64 partial sums of dt, db per work item -> ``dtb[w, 0:2]``. Pointers a pass does not write
+    are None (``"image"``: dq, du; ``"text"``: dk, dv, dgram, dtb).
     """
     TEXT_STATIONARY: tl.constexpr = PASS == "text"
     shape: tl.constexpr = (H, K, d)
@@ -272,8 +276,10 @@ def backward_kernel(
     n_inner = Bi if TEXT_STATIONARY else n_text_blocks
     for w in range(pid, n_outer * n_split, tl.num_programs(0)):
         outer = w // n_split + 0 * pid  # a tensor under the interpreter too (its loop counters are Python ints)
-        dt_acc = tl.zeros([BT], dtype=tl.float32)
-        db_acc = tl.zeros([BT], dtype=tl.float32)
+        # dt, db: each tile's float32 sum (a tree) joins a float64 total; a [1] tensor, as [BT] float64 lanes cost
+        # registers that the atomic pass spills without
+        dt_acc = tl.zeros([1], dtype=tl.float64)
+        db_acc = tl.zeros([1], dtype=tl.float64)
         for inner in range(w % n_split, n_inner, n_split):
             i, t0 = tile_coordinates(outer=outer, inner=inner, pid=pid, TEXT_STATIONARY=TEXT_STATIONARY, BT=BT)
             o_t = t0 + tl.arange(0, BT)
@@ -306,8 +312,8 @@ def backward_kernel(
                 lse_col_ptr=lse_col_ptr,
                 OP=OP,
             )
-            dt_acc += g * cos
-            db_acc += g
+            dt_acc += tl.sum(g * cos, 0).to(tl.float64)
+            db_acc += tl.sum(g, 0).to(tl.float64)
             tl.debug_barrier()  # P = G a is in sp
             for h in range(H):
                 _head_grads(
@@ -339,5 +345,5 @@ def backward_kernel(
                     PREC=DGRAM_PREC,
                 )
         if not TEXT_STATIONARY:
-            tl.store(dtb_ptr + 2 * w, tl.sum(dt_acc, 0))
-            tl.store(dtb_ptr + 2 * w + 1, tl.sum(db_acc, 0))
+            tl.store(dtb_ptr + 2 * w + tl.arange(0, 1), dt_acc)
+            tl.store(dtb_ptr + 2 * w + 1 + tl.arange(0, 1), db_acc)

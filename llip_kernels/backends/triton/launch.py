@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import settings
+from ..._custom_ops import define, differentiate_with
 from ...algebra import Op, gram_matrices, mix_aligned, positives, text_projection
 from .interpreter import patch_interpreter_bf16_dot
 
@@ -92,8 +93,9 @@ def tile_config(
     (``text_pass``; without it ptxas settles for 168 registers and spills 16 bytes at H/14 on sm_80), not in
     the image passes, where one spills 4 bytes with it at B/16 on sm_80: ptxas's choices are not monotonic, so
     the table decides. Before Hopper the forward takes 16 head
-    dims per product (32 spills at d = 128 in bf16). Every configuration of every paper head is checked
-    spill-free by bench/triton_compile_table.py."""
+    dims per product (32 spills at d = 128 in bf16). bench/triton_compile_table.py checks every configuration of
+    every paper head: all are spill-free but one, the bf16 atomic pass of the sigmoid loss at B/16 on sm_80, which
+    spills 4 bytes since the gradients accumulate in float64 (8 with the register cap; smaller tiles cost more)."""
     small = backward and (capability < 90 or not lowp)
     max_bt = min(MAX_BLOCK_T, MAX_BLOCK_T_BWD) if backward else MAX_BLOCK_T
     if small:
@@ -189,6 +191,14 @@ ATOMIC_PASSES = ("atomic",)
 DETERMINISTIC_PASSES = ("image", "text")
 
 
+def float64_pointers(kernel: str, op: Op) -> tuple[str, ...]:
+    """The pointer arguments of float64 buffers (the long sums: gradients, the losses' statistics); the others are
+    float32 or the inputs' dtype. The ahead-of-time compile table (:mod:`.aot`) types the signature from this."""
+    if kernel == "forward":
+        return () if op == Op.LOGITS else ("out_ptr",)
+    return ("dk_ptr", "dv_ptr", "dq_ptr", "du_ptr", "dgram_ptr", "dtb_ptr")
+
+
 def unused_pointers(kernel: str, op: Op, pass_: str | None = None) -> tuple[str, ...]:
     """The pointer arguments a launch passes as None, so the compiled variant has no pointer it never uses. The
     launcher and the ahead-of-time compile table (:mod:`.aot`) both take them from here."""
@@ -236,113 +246,147 @@ class _ForwardLaunch:
         )
 
 
-class _LlipPairs(torch.autograd.Function):
-    """Pair work of the three ops over precomputed ``u`` and ``gram``.
+# The pair work as torch.library custom ops (llip_kernels._custom_ops): opaque to torch.compile, with shape-only fake
+# twins and a backward that is a custom op too.
+Tensor = torch.Tensor
+
+
+def _pairs(
+    k: Tensor, v: Tensor, q: Tensor, u: Tensor, gram: Tensor, t: Tensor, b: Tensor, op: str, tau: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pair work of the three ops over precomputed ``u`` and ``gram`` -> ``(result, lse_row, lse_col)``.
 
     ``Op.LOGITS`` -> ``[Bi, Bt]`` logits; ``Op.SIGMOID_LOSS`` -> ``sum_ij softplus(t*cos_ij + b)``;
-    ``Op.SOFTMAX_LOSS`` -> ``(mean_i lse_row_i + mean_j lse_col_j) / 2`` of ``t*cos``. Saves only the inputs (and
-    the row / column log-sum-exps for softmax): the backward recomputes every tile.
+    ``Op.SOFTMAX_LOSS`` -> ``(mean_i lse_row_i + mean_j lse_col_j) / 2`` of ``t*cos``, with the row and column
+    log-sum-exps (``[Bi]``, ``[Bt]``; empty for the other ops) that the backward pass needs. Nothing else is kept:
+    the backward recomputes every tile.
     """
+    op = Op(op)
+    k, v, q, u, gram = (x.contiguous() for x in (k, v, q, u, gram))
+    Bi, Bt = k.shape[0], q.shape[0]
+    f32 = dict(dtype=torch.float32, device=k.device)
+    f64 = dict(dtype=torch.float64, device=k.device)  # the losses' statistics: long sums, kept in float64
+    launch = _ForwardLaunch(k, v, q, u, gram, t, b, tau, op)
+    n_text_blocks = triton_cdiv(Bt, launch.cfg.BT)
+    n_split = _split(Bi, n_text_blocks, k.device)
+    per_item = {Op.LOGITS: None, Op.SIGMOID_LOSS: 1, Op.SOFTMAX_LOSS: 2}[op]  # statistics per work item
+    out = torch.empty(Bi, Bt, **f32) if per_item is None else torch.empty(Bi * n_split * per_item, **f64)
+    launch(out, n_outer=Bi, n_split=n_split, text_stationary=False)
+    lse_row, lse_col = (k.new_empty(0, dtype=torch.float32) for _ in range(2))  # the softmax loss's statistics
+    if op == Op.SIGMOID_LOSS:
+        out = out.sum().float()
+    elif op == Op.SOFTMAX_LOSS:
+        stat = out.view(Bi, n_split, 2)
+        lse_row = _merge_lse(stat[..., 0], stat[..., 1])  # [Bi]
+        n_split_t = _split(n_text_blocks, Bi, k.device)
+        stat_t = torch.empty(n_split_t, 2, Bt, **f64)
+        launch(stat_t, n_outer=n_text_blocks, n_split=n_split_t, text_stationary=True)
+        lse_col = _merge_lse(stat_t[:, 0].t(), stat_t[:, 1].t())  # [Bt]
+        out = (0.5 * (lse_row.mean() + lse_col.mean())).float()
+        lse_row, lse_col = lse_row.float(), lse_col.float()
+    return out, lse_row, lse_col
 
-    @staticmethod
-    def forward(ctx, k, v, q, u, gram, t, b, tau, op):
-        k, v, q, u, gram = (x.contiguous() for x in (k, v, q, u, gram))
-        Bi, Bt = k.shape[0], q.shape[0]
-        f32 = dict(dtype=torch.float32, device=k.device)
-        launch = _ForwardLaunch(k, v, q, u, gram, t, b, tau, op)
-        n_text_blocks = triton_cdiv(Bt, launch.cfg.BT)
-        n_split = _split(Bi, n_text_blocks, k.device)
-        per_item = {Op.LOGITS: None, Op.SIGMOID_LOSS: 1, Op.SOFTMAX_LOSS: 2}[op]  # statistics per work item
-        out = torch.empty(Bi, Bt, **f32) if per_item is None else torch.empty(Bi * n_split * per_item, **f32)
-        launch(out, n_outer=Bi, n_split=n_split, text_stationary=False)
-        lse_row = lse_col = None
-        if op == Op.SIGMOID_LOSS:
-            out = out.sum()
-        elif op == Op.SOFTMAX_LOSS:
-            stat = out.view(Bi, n_split, 2)
-            lse_row = _merge_lse(stat[..., 0], stat[..., 1])  # [Bi]
-            n_split_t = _split(n_text_blocks, Bi, k.device)
-            stat_t = torch.empty(n_split_t, 2, Bt, **f32)
-            launch(stat_t, n_outer=n_text_blocks, n_split=n_split_t, text_stationary=True)
-            lse_col = _merge_lse(stat_t[:, 0].t(), stat_t[:, 1].t())  # [Bt]
-            out = 0.5 * (lse_row.mean() + lse_col.mean())
-        ctx.save_for_backward(k, v, q, u, gram, t, b, lse_row, lse_col)
-        ctx.tau, ctx.op = tau, op
-        return out
 
-    @staticmethod
-    def backward(ctx, gout):
-        k, v, q, u, gram, t, b, lse_row, lse_col = ctx.saved_tensors
-        op = ctx.op
-        Bi, H, K, d = k.shape
-        Bt = q.shape[0]
-        dev = k.device
-        prec = precision_for(k.dtype)
-        f32 = dict(dtype=torch.float32, device=dev)
-        dk, dv = torch.zeros(k.shape, **f32), torch.zeros(v.shape, **f32)
-        dq, du = torch.zeros(q.shape, **f32), torch.zeros(u.shape, **f32)
-        dgram = torch.zeros(gram.shape, **f32)
-        if op == Op.LOGITS:
-            gout = gout.contiguous().float()  # [Bi, Bt]
-        else:  # the loss's 0-dim cotangent; the softmax loss's lse part carries a 1/2 and a 1/B
-            gout = (gout.float() * (0.5 / Bi if op == Op.SOFTMAX_LOSS else 1.0)).reshape(())
-        deterministic = settings.deterministic_requested()
-        dt = db = torch.zeros((), **f32)
-        for pass_ in DETERMINISTIC_PASSES if deterministic else ATOMIC_PASSES:
-            text_pass = pass_ == "text"
-            cfg = tile_config(
-                H, K, d, Bt, backward=True, capability=_capability(dev), lowp=prec.lowp, text_pass=text_pass
-            )
-            n_text_blocks = triton_cdiv(Bt, cfg.BT)
-            n_split = 1 if pass_ != "atomic" else _split(Bi, n_text_blocks, dev)
-            grid = _grid((n_text_blocks if text_pass else Bi) * n_split, dev)
-            dtb = None if text_pass else torch.empty(Bi * n_split, 2, **f32)  # dt, db per work item
-            pointers = dict(
-                gout_ptr=gout,
-                lse_row_ptr=lse_row,
-                lse_col_ptr=lse_col,
-                dk_ptr=dk,
-                dv_ptr=dv,
-                dq_ptr=dq,
-                du_ptr=du,
-                dgram_ptr=dgram,
-                dtb_ptr=dtb,
-            )
-            for name in unused_pointers("backward", op, pass_):
-                pointers[name] = None
-            backward_kernel[(grid,)](
-                q_ptr=q,
-                k_ptr=k,
-                u_ptr=u,
-                v_ptr=v,
-                gram_ptr=gram,
-                t_ptr=t,
-                b_ptr=b,
-                **pointers,
-                scratch_ptr=torch.empty(grid * 2 * cfg.BT * H * K, **f32),
-                Bi=Bi,
-                Bt=Bt,
-                scale2=_LOG2E / ctx.tau,
-                inv_tau=1.0 / ctx.tau,
-                n_split=n_split,
-                OP=op.code,
-                PASS=pass_,
-                **launch_constexprs(H, K, d, cfg, prec, backward=True),
-                **cfg.launch_options(),
-            )
-            if not text_pass:
-                dt, db = dtb.sum(0).unbind(0)
-        return (
-            dk.to(k.dtype),
-            dv.to(v.dtype),
-            dq.to(q.dtype),
-            du.to(u.dtype),
-            dgram.to(gram.dtype),
-            dt.reshape(t.shape),
-            (db.reshape(b.shape) if op != Op.SOFTMAX_LOSS else None),
-            None,
-            None,
+def _pairs_backward(
+    gout: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q: Tensor,
+    u: Tensor,
+    gram: Tensor,
+    t: Tensor,
+    b: Tensor,
+    lse_row: Tensor,
+    lse_col: Tensor,
+    op: str,
+    tau: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`_pairs`' result w.r.t. ``(k, v, q, u, gram, t, b)`` (``db`` is 0 for the softmax loss)."""
+    op = Op(op)
+    k, v, q, u, gram = (x.contiguous() for x in (k, v, q, u, gram))
+    Bi, H, K, d = k.shape
+    Bt = q.shape[0]
+    dev = k.device
+    prec = precision_for(k.dtype)
+    f32 = dict(dtype=torch.float32, device=dev)
+    f64 = dict(dtype=torch.float64, device=dev)  # every gradient is a long sum: float64 accumulators
+    dk, dv = torch.zeros(k.shape, **f64), torch.zeros(v.shape, **f64)
+    dq, du = torch.zeros(q.shape, **f64), torch.zeros(u.shape, **f64)
+    dgram = torch.zeros(gram.shape, **f64)
+    if op == Op.LOGITS:
+        gout = gout.contiguous().float()  # [Bi, Bt]
+    else:  # the loss's 0-dim cotangent; the softmax loss's lse part carries a 1/2 and a 1/B
+        gout = (gout.float() * (0.5 / Bi if op == Op.SOFTMAX_LOSS else 1.0)).reshape(())
+    deterministic = settings.deterministic_requested()
+    dt = db = torch.zeros((), **f64)
+    for pass_ in DETERMINISTIC_PASSES if deterministic else ATOMIC_PASSES:
+        text_pass = pass_ == "text"
+        cfg = tile_config(H, K, d, Bt, backward=True, capability=_capability(dev), lowp=prec.lowp, text_pass=text_pass)
+        n_text_blocks = triton_cdiv(Bt, cfg.BT)
+        n_split = 1 if pass_ != "atomic" else _split(Bi, n_text_blocks, dev)
+        grid = _grid((n_text_blocks if text_pass else Bi) * n_split, dev)
+        dtb = None if text_pass else torch.empty(Bi * n_split, 2, **f64)  # dt, db per work item
+        pointers = dict(
+            gout_ptr=gout,
+            lse_row_ptr=lse_row,
+            lse_col_ptr=lse_col,
+            dk_ptr=dk,
+            dv_ptr=dv,
+            dq_ptr=dq,
+            du_ptr=du,
+            dgram_ptr=dgram,
+            dtb_ptr=dtb,
         )
+        for name in unused_pointers("backward", op, pass_):
+            pointers[name] = None
+        backward_kernel[(grid,)](
+            q_ptr=q,
+            k_ptr=k,
+            u_ptr=u,
+            v_ptr=v,
+            gram_ptr=gram,
+            t_ptr=t,
+            b_ptr=b,
+            **pointers,
+            scratch_ptr=torch.empty(grid * 2 * cfg.BT * H * K, **f32),
+            Bi=Bi,
+            Bt=Bt,
+            scale2=_LOG2E / tau,
+            inv_tau=1.0 / tau,
+            n_split=n_split,
+            OP=op.code,
+            PASS=pass_,
+            **launch_constexprs(H, K, d, cfg, prec, backward=True),
+            **cfg.launch_options(),
+        )
+        if not text_pass:
+            dt, db = dtb.sum(0).unbind(0)
+    return (
+        dk.to(k.dtype),
+        dv.to(v.dtype),
+        dq.to(q.dtype),
+        du.to(u.dtype),
+        dgram.to(gram.dtype),
+        dt.reshape(t.shape).to(t.dtype),  # dt and db: views of one float64 tensor, here separate float32 ones
+        torch.zeros_like(b) if op == Op.SOFTMAX_LOSS else db.reshape(b.shape).to(b.dtype),
+    )
+
+
+def _pairs_fake(k, v, q, u, gram, t, b, op, tau):
+    Bi, Bt = k.shape[0], q.shape[0]
+    out = k.new_empty((Bi, Bt) if Op(op) == Op.LOGITS else (), dtype=torch.float32)
+    if Op(op) == Op.SOFTMAX_LOSS:
+        return out, k.new_empty(Bi, dtype=torch.float32), k.new_empty(Bt, dtype=torch.float32)
+    return out, k.new_empty(0, dtype=torch.float32), k.new_empty(0, dtype=torch.float32)
+
+
+def _pairs_backward_fake(gout, k, v, q, u, gram, t, b, lse_row, lse_col, op, tau):
+    return tuple(torch.empty_like(x) for x in (k, v, q, u, gram, t, b))
+
+
+triton_pairs = define("triton_pairs", _pairs, fake=_pairs_fake)
+triton_pairs_backward = define("triton_pairs_backward", _pairs_backward, fake=_pairs_backward_fake)
+differentiate_with(triton_pairs, triton_pairs_backward, tensor_inputs=7, saved_outputs=(1, 2))
 
 
 _LOG2E = 1.4426950408889634  # exp(s / tau) = exp2(s * log2(e) / tau): the kernels use exp2
@@ -361,7 +405,7 @@ def _merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def _pairs(k, v, q, y, w_out, t, b, tau, op: Op):
     prec = precision_for(k.dtype)
     u, gram = precompute(v, y, w_out, prec.gram_dtype)
-    return _LlipPairs.apply(k, v, q, u, gram, t, b, tau, op)
+    return triton_pairs(k, v, q, u, gram, t, b, Op(op).value, tau)[0]
 
 
 def _aligned_logits(k, v, q, y, w_out, t, b, tau, rows, cols):
