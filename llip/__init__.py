@@ -8,9 +8,20 @@ Public API (the contract with the trainer):
 - :mod:`llip.evaluation`: zero-shot classification and retrieval.
 """
 
+from llip_kernels import __version__
+
 from .configs import ModelConfig, get_config, list_models
 from .model import LlipModel, create_model
 from .tokenizer import get_tokenizer
 from .transforms import image_transform
 
-__all__ = ["LlipModel", "ModelConfig", "create_model", "get_config", "get_tokenizer", "image_transform", "list_models"]
+__all__ = [
+    "__version__",
+    "LlipModel",
+    "ModelConfig",
+    "create_model",
+    "get_config",
+    "get_tokenizer",
+    "image_transform",
+    "list_models",
+]

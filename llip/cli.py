@@ -11,6 +11,9 @@ import ast
 import json
 import sys
 
+import torch
+
+from llip_kernels import __version__
 from llip_kernels.dispatch import BACKEND_MODULES
 
 from .errors import UsageError, error_line
@@ -167,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  torchrun --nproc_per_node=2 -m llip train --data 'shards/{000..009}.tar'\n"
         "  llip eval runs/llip-tiny\n  llip compare --steps 600",
     )
+    parser.add_argument("--version", action="version", version=f"llip {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     defaults = TrainConfig()
     p = sub.add_parser("train", help="train a model", description=f"Train a model. With no arguments: {MAIN_JOB}.")

@@ -6,7 +6,7 @@ named after a hash of the sources, the flags, and the torch and Python versions,
 never load a stale or foreign build.
 The outcome, module or failure, is remembered for the life of the process: a failed build is not retried on
 every call, and its message (one readable paragraph naming what is missing) is what backends report as their
-``not_supported_reasons``.
+``not_supported_reasons``. A compile in progress and a failure are each announced by one line on stderr.
 """
 
 from __future__ import annotations
@@ -89,10 +89,16 @@ def load_extension(
                 )
             except ExtensionBuildError as e:
                 _results[name] = str(e)
+                _say(f"{e} (the other backends still run; llip_kernels.backend_reasons() lists them)")
         result = _results[name]
     if isinstance(result, str):
         raise ExtensionBuildError(result)
     return result
+
+
+def _say(message: str) -> None:
+    """One line on stderr, once per build: the outcome is cached, so neither line repeats in a process."""
+    print(f"llip_kernels: {message}", file=sys.stderr, flush=True)
 
 
 def cached_failure(name: str) -> str | None:
@@ -115,6 +121,8 @@ def _build(name, sources, cflags, ldflags, cuda_cflags, with_cuda) -> ModuleType
     digest = build_hash([Path(p) for p in sources], cflags + ldflags + cuda_cflags + [str(with_cuda)])
     build_dir = settings.cache_dir() / f"{name}-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob(f"{name}*.so")):  # a compile of a minute or more: say so rather than seem to hang
+        _say(f"building the {name} extension (once per version; about a minute on 2 cores) in {build_dir}")
     try:
         return cpp_extension.load(
             name=name,
