@@ -3,7 +3,8 @@
 Public API (the contract with the trainer):
 
 - :func:`list_models` / :func:`create_model` (``name, **config overrides``) -> :class:`LlipModel`;
-- :func:`get_tokenizer` (``context_length=77``) -> callable ``str | list[str] -> LongTensor [N, L]``;
+- :func:`get_tokenizer` (``context_length=77``, ``file=None``) -> callable ``str | list[str] -> LongTensor [N, L]``;
+  :func:`tokenizer_for` (a model's config) -> the one that model reads;
 - :func:`image_transform` (``image_size, train``) -> callable ``PIL.Image | uint8 [H, W, 3] -> float32 [3, S, S]``;
 - :mod:`llip.evaluation`: zero-shot classification and retrieval.
 """
@@ -12,7 +13,7 @@ from llip_kernels import __version__
 
 from .configs import ModelConfig, get_config, list_models
 from .model import LlipModel, create_model
-from .tokenizer import get_tokenizer
+from .tokenizer import get_tokenizer, tokenizer_for
 from .transforms import image_transform
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "get_tokenizer",
     "image_transform",
     "list_models",
+    "tokenizer_for",
 ]

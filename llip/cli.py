@@ -1,4 +1,4 @@
-"""The ``llip`` command: ``llip train``, ``llip eval``, ``llip compare`` (also ``python -m llip ...``).
+"""The ``llip`` command: ``llip train``, ``llip eval``, ``llip compare``, ``llip plot`` (also ``python -m llip ...``).
 
 ``llip train`` with no arguments is the main job: llip-tiny on the built-in scenes, about five minutes on two
 CPU cores, then a zero-shot and retrieval table against chance.
@@ -78,6 +78,13 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
         metavar="KEY=VALUE",
         help="override a model config field, repeatable: --set K=16 --set tau=3",
     )
+    g.add_argument(
+        "--pretrained",
+        metavar="PATH",
+        help="start the towers from an open_clip ViT CLIP or SigLIP checkpoint (state dict); add --set "
+        "activation=gelu for weights trained with GELU (LAION's), the default quick_gelu fits OpenAI's and the "
+        "-quickgelu models; SigLIP checkpoints go into the *-bigvision models, with --set tokenizer=PATH",
+    )
     g = p.add_argument_group("data")
     g.add_argument(
         "--data",
@@ -145,11 +152,78 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
         default=defaults.eval_images,
         help="built-in validation scenes used for evaluation (default %(default)s)",
     )
+    _add_val_args(p.add_argument_group("validation on your data (every --eval-every steps and at the end)"), defaults)
     g.add_argument("--log-every", type=POSITIVE_INT, default=defaults.log_every, help="samples/s measurement period")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="JSONL metrics only")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--hang-after", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
     g.add_argument("--hang-in-checkpoint", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
+
+
+def _add_val_args(g, defaults: TrainConfig) -> None:
+    """``llip train``'s held-out evaluations, logged as ``val/...`` and ``val_zeroshot/...`` eval metrics."""
+    g.add_argument(
+        "--val-data",
+        metavar="SHARDS_OR_CSV",
+        help="held-out image-text pairs (tar shards or .csv/.tsv, as --data): retrieval R@1/5/10 at each evaluation",
+    )
+    g.add_argument(
+        "--val-samples",
+        type=POSITIVE_INT,
+        default=defaults.val_samples,
+        help="images of --val-data read, and held in memory (default %(default)s)",
+    )
+    g.add_argument("--val-zeroshot", metavar="DIR", help="an image folder DIR/<class>/<images>: zero-shot top-1/5")
+    g.add_argument(
+        "--val-classnames", metavar="FILE|imagenet", help="class names of --val-zeroshot (default: folder names)"
+    )
+    g.add_argument(
+        "--val-templates",
+        metavar="FILE|imagenet|simple",
+        default=defaults.val_templates,
+        help="prompt templates of --val-zeroshot (default %(default)s: the 80 CLIP prompts)",
+    )
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    """``llip eval``'s evaluations on the user's data (``llip/eval_command.py``)."""
+    g = p.add_argument_group("zero-shot classification of an image folder")
+    g.add_argument("--zeroshot", metavar="DIR", help="DIR/<class folder>/<images>; classes in sorted folder order")
+    g.add_argument(
+        "--classnames",
+        metavar="FILE|imagenet",
+        help="one class name per line in sorted folder order, or the shipped ImageNet-1k names (default: the "
+        "folder names, _ read as spaces)",
+    )
+    g.add_argument(
+        "--templates",
+        metavar="FILE|imagenet|simple",
+        help="prompt templates with {} for the class name: a file, the 80 CLIP prompts (imagenet, the default) or "
+        "'a photo of a {}.' (simple)",
+    )
+    g = p.add_argument_group("image-text retrieval on held-out pairs")
+    g.add_argument("--data", metavar="SHARDS_OR_CSV", help="tar shards ('val/{000..004}.tar') or a .csv/.tsv file")
+    g.add_argument(
+        "--max-samples",
+        type=POSITIVE_INT,
+        metavar="N",
+        help="images read, and held in memory (default 5000, COCO's 5k test)",
+    )
+    g = p.add_argument_group("either evaluation")
+    g.add_argument(
+        "--tau",
+        type=POSITIVE_FLOAT,
+        nargs="+",
+        metavar="T",
+        help="Llip mixer temperatures to evaluate at, one row each (the paper sweeps 1 3 5 8 10; default: the "
+        "model's own)",
+    )
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=256, help="images per encoder call (default 256)")
+    g.add_argument("--workers", type=COUNT, default=1, help="image decoding processes (default 1)")
+    g.add_argument(
+        "--json-file", metavar="PATH", help="write the results here (default: beside the checkpoint, *.eval.json)"
+    )
+    g.add_argument("--overwrite", action="store_true", help="replace an existing results file")
 
 
 def _config_from(args: argparse.Namespace) -> TrainConfig:
@@ -168,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  llip train                       # " + MAIN_JOB + "\n"
         "  llip train --model llip-tiny --set K=16 --set tau=3 --steps 500\n"
         "  torchrun --nproc_per_node=2 -m llip train --data 'shards/{000..009}.tar'\n"
-        "  llip eval runs/llip-tiny\n  llip compare --steps 600",
+        "  llip eval runs/llip-tiny\n  llip plot runs/llip-tiny\n  llip compare --steps 600",
     )
     parser.add_argument("--version", action="version", version=f"llip {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -178,14 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="evaluate a checkpoint on the built-in validation scenes",
-        description="Zero-shot and retrieval evaluation of a checkpoint on the built-in scenes.",
+        help="evaluate a checkpoint (built-in scenes, or your image folder and image-text pairs)",
+        description="Zero-shot and retrieval evaluation of a checkpoint: on the built-in scenes, or with --zeroshot "
+        "and/or --data on your own data (results also written as JSON).",
     )
     p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its newest checkpoint)")
-    p.add_argument("--eval-images", type=POSITIVE_INT, default=defaults.eval_images)
+    p.add_argument(
+        "--eval-images",
+        type=POSITIVE_INT,
+        default=defaults.eval_images,
+        help="built-in scenes evaluated without --zeroshot/--data (default %(default)s)",
+    )
     p.add_argument("--backend", default=None, choices=BACKENDS)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_eval_args(p)
 
     p = sub.add_parser(
         "compare",
@@ -205,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/compare")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--overwrite", action="store_true", help="replace runs already in --output")
+
+    p = sub.add_parser(
+        "plot",
+        help="draw a run's training curves",
+        description="Draw a run folder's metrics.jsonl against the step (training loss, learning rate, logit "
+        "scale, evaluation metrics) as one PNG; `llip train` draws it at the end of every run.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `llip train` (it holds metrics.jsonl)")
+    p.add_argument("--output", default=None, metavar="PNG", help="where to write it (default RUN_DIR/curves.png)")
 
     sub.add_parser("models", help="list the registered model names")
     return parser
@@ -238,11 +328,18 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         return 0
     if args.command == "eval":
+        from .eval_command import check_eval_args, results_path, run_user_data_eval, write_results
         from .train.evaluate import evaluate_checkpoint, format_table
 
+        check_eval_args(args)
+        if args.zeroshot or args.data:
+            return run_user_data_eval(args)
+        target = results_path(None, args.json_file, args.overwrite)  # built-in scenes: a file only when asked
         results = evaluate_checkpoint(
             args.checkpoint, eval_images=args.eval_images, backend=args.backend, device=args.device
         )
+        if target is not None:
+            write_results(target, results, args.overwrite)
         print(json.dumps(results, indent=2) if args.json else format_table(results))
         return 0
     if args.command == "compare":
@@ -262,6 +359,11 @@ def _run(args: argparse.Namespace) -> int:
             progress=args.progress,
             overwrite=args.overwrite,
         )
+        return 0
+    if args.command == "plot":
+        from .train.curves import plot_run
+
+        print(plot_run(args.run_dir, output=args.output))
         return 0
     raise AssertionError(args.command)
 

@@ -126,6 +126,32 @@ class ClipTokenizer:
         return " ".join(bytes(self._byte_of[c] for c in w).decode("utf-8", errors="replace") for w in words).strip()
 
 
-def get_tokenizer(context_length: int = 77) -> ClipTokenizer:
-    """The CLIP BPE tokenizer padding / truncating to ``context_length`` (use the model's ``context_length``)."""
+def get_tokenizer(context_length: int = 77, *, file: str | os.PathLike | None = None):
+    """The CLIP BPE tokenizer padding / truncating to ``context_length`` (use the model's ``context_length``), or
+    with ``file`` the Hugging Face ``tokenizer.json`` there, as open_clip uses SigLIP's (llip/file_tokenizer.py)."""
+    if file is not None:
+        from .file_tokenizer import FileTokenizer
+
+        return FileTokenizer(str(file), context_length)
     return ClipTokenizer(context_length)
+
+
+def tokenizer_for(config):
+    """The tokenizer a model of ``config`` (a :class:`~llip.configs.ModelConfig`) reads: its ``tokenizer`` field,
+    at its context length; raises ValueError when the model needs a file it was not given or the vocabulary does
+    not fit the model's token table."""
+    if config.tokenizer == "clip-bpe":
+        tokenizer = get_tokenizer(config.context_length)
+    elif not config.tokenizer:
+        raise ValueError(
+            f"{config.name} reads SigLIP's sentencepiece vocabulary, which llip cannot ship: set the model's "
+            "tokenizer to its tokenizer.json (Hugging Face repo timm/ViT-B-16-SigLIP), e.g. --set tokenizer=PATH"
+        )
+    else:
+        tokenizer = get_tokenizer(config.context_length, file=config.tokenizer)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"tokenizer {config.tokenizer!r} has {tokenizer.vocab_size} tokens, more than {config.name}'s "
+            f"vocab_size {config.vocab_size}"
+        )
+    return tokenizer

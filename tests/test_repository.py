@@ -13,7 +13,7 @@ TEXT_SUFFIXES = {".py", ".cpp", ".cu", ".h", ".md", ".sh", ".toml", ".cfg", ".tx
 SKIP_DIRS = {".git", ".venv", ".venv-cuda", "build", "runs", ".cache", "__pycache__", ".pytest_cache", ".ruff_cache"}
 MAX_LINES = 800
 # Measurement records written by the benchmarks (one JSON object per row): data, not something one reads through.
-DATA = ("bench/results/",)
+DATA = ("bench/results/", "llip/assets/imagenet_classnames.txt")  # data, not text to read
 
 # Assembled from parts so that this file does not match itself.
 FORBIDDEN = [

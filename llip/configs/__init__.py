@@ -9,6 +9,11 @@ Each ``<size>.json`` in this folder holds the tower dimensions and Llip head of 
 - ``register``: SigLIP on mixture token 0 of K (the paper's ablation: extra tokens act as registers);
 - ``avg``: SigLIP on the mean of the K mixture tokens.
 
+The ``*-bigvision.json`` sizes are the towers of open_clip's SigLIP models (``ViT-B-16-SigLIP``,
+``ViT-L-16-SigLIP-256``, ``ViT-SO400M-14-SigLIP``; ``towers="big_vision"``) with a siglip and a llip kind, so their
+weights load exactly (llip/model/pretrained.py); they tokenize with SigLIP's vocabulary, a file the user supplies
+(``tokenizer``).
+
 :func:`get_config` turns a name plus overrides into a validated :class:`ModelConfig`.
 """
 
@@ -23,6 +28,8 @@ from importlib import resources
 
 KINDS = ("llip", "siglip", "clip", "register", "avg")
 LOSSES = ("sigmoid", "softmax")
+ACTIVATIONS = ("quick_gelu", "gelu")
+TOWERS = ("openai", "big_vision")
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,7 @@ class ModelConfig:
     name: str  # registry name, e.g. "llip-vit-b16-k32"; kept (not changed) by overrides
     kind: str  # one of KINDS: "llip", "siglip", "clip", "register", "avg"
     loss: str  # "sigmoid" (SigLIP loss; default except for clip) or "softmax" (CLIP InfoNCE)
-    # vision tower: pre-LN ViT, QuickGELU, K prepended mixture tokens
+    # vision tower: pre-LN ViT (activation below), K prepended mixture tokens
     image_size: int  # S: input images are [B, 3, S, S]
     patch_size: int  # P: non-overlapping P x P patches, grid (S / P)^2
     vision_width: int  # W
@@ -54,6 +61,18 @@ class ModelConfig:
     init_logit_scale: float  # log of the initial logit multiplier t; clamped at log(100) by clamp_logit_scale()
     init_logit_bias: float  # initial logit bias b (sigmoid loss only; the softmax loss has none)
     lr: float  # peak AdamW learning rate of the recipe (docs/design.md section 2); advice for the trainer
+    # MLP activation of both towers: "quick_gelu" (x * sigmoid(1.702 x), what OpenAI's CLIP weights were trained
+    # with) or "gelu" (exact GELU, LAION's open_clip ViTs); it must match the weights a model starts from
+    activation: str = "quick_gelu"
+    # Tower layout. "openai": CLIP's (class/mixture tokens, ln_pre, bias-free patch conv, causal text pooled at the
+    # end-of-text token, LayerNorm eps 1e-5). "big_vision": SigLIP's as open_clip builds it (patch conv with bias,
+    # no ln_pre, LayerNorm eps 1e-6, siglip kind pooled by a multi-head attention pool over the patches (MAP), no
+    # image projection (D = vision_width), bidirectional text pooled at the last position, text projection with a
+    # bias, text MLP at mlp_ratio too). llip models on big_vision towers prepend their K tokens as usual.
+    towers: str = "openai"
+    # "clip-bpe" (CLIP's BPE vocabulary, shipped) or the path of a Hugging Face tokenizer.json (SigLIP's
+    # sentencepiece vocabulary, which cannot be shipped): see llip/tokenizer.py
+    tokenizer: str = "clip-bpe"
 
     @property
     def vision_heads(self) -> int:
@@ -166,5 +185,20 @@ def check_config(c: ModelConfig) -> None:
         raise ValueError(f"tau must be a finite positive float, got {c.tau!r}")
     if c.mlp_ratio <= 0:
         raise ValueError(f"mlp_ratio must be > 0, got {c.mlp_ratio}")
+    if c.activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {c.activation!r}")
+    if c.towers not in TOWERS:
+        raise ValueError(f"towers must be one of {TOWERS}, got {c.towers!r}")
+    if c.towers == "big_vision":
+        if c.kind not in ("siglip", "llip"):
+            raise ValueError(f"towers='big_vision' serves the siglip and llip kinds, not {c.kind!r}")
+        if c.kind == "siglip" and c.K != 1:
+            raise ValueError(f"towers='big_vision' pools a siglip model with one attention-pool query: K must be 1, "
+                             f"got {c.K}")  # fmt: skip
+        if c.vision_width != c.D:
+            raise ValueError(f"towers='big_vision' has no image projection: D ({c.D}) must equal vision_width "
+                             f"({c.vision_width})")  # fmt: skip
+    if not isinstance(c.tokenizer, str):
+        raise ValueError(f"tokenizer must be 'clip-bpe' or the path of a tokenizer.json, got {c.tokenizer!r}")
     if not isinstance(c.qkv_norm, bool):
         raise ValueError(f"qkv_norm must be a bool, got {c.qkv_norm!r}")

@@ -31,12 +31,31 @@ class LlipModel(nn.Module):
         super().__init__()
         c = self.config = config
         self.kind = c.kind
+        big_vision = c.towers == "big_vision"
         self.image_size = c.image_size
         self.context_length = c.context_length
         self.visual = VisionTower(
-            c.image_size, c.patch_size, c.vision_width, c.vision_layers, c.vision_heads, c.mlp_width, num_tokens=c.K
+            c.image_size,
+            c.patch_size,
+            c.vision_width,
+            c.vision_layers,
+            c.vision_heads,
+            c.mlp_width,
+            num_tokens=c.K,
+            activation=c.activation,
+            big_vision=big_vision,
+            attention_pool=big_vision and c.kind == "siglip",
         )
-        self.text = TextTower(c.vocab_size, c.context_length, c.text_width, c.text_layers, c.text_heads)
+        self.text = TextTower(
+            c.vocab_size,
+            c.context_length,
+            c.text_width,
+            c.text_layers,
+            c.text_heads,
+            activation=c.activation,
+            big_vision=big_vision,
+            mlp_width=int(c.text_width * c.mlp_ratio) if big_vision else None,
+        )
         W, Wt, D = c.vision_width, c.text_width, c.D
         if c.kind == "llip":
             # One key and one value matrix per mixture token (ref. code), query from the pooled text feature.
@@ -46,9 +65,10 @@ class LlipModel(nn.Module):
             self.w_out = nn.Parameter(D**-0.5 * torch.randn(D, D))  # [D, D]
             norm = nn.LayerNorm if c.qkv_norm else nn.Identity
             self.k_norm, self.v_norm, self.q_norm = norm(D), norm(D), norm(D)
-        else:
+        elif not big_vision:  # big_vision siglip: the attention pool's output is the embedding (D = W)
             self.image_projection = nn.Parameter(W**-0.5 * torch.randn(W, D))  # [W, D]
         self.text_projection = nn.Parameter(Wt**-0.5 * torch.randn(Wt, D))  # [Wt, D]
+        self.text_projection_bias = nn.Parameter(torch.zeros(D)) if big_vision else None  # [D]
         self.logit_scale = nn.Parameter(torch.tensor(float(c.init_logit_scale)))
         if c.loss == "sigmoid":
             self.logit_bias = nn.Parameter(torch.tensor(float(c.init_logit_bias)))
@@ -71,11 +91,11 @@ class LlipModel(nn.Module):
         L = self.context_length
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
             got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise TypeError(f"tokens must be an int64 tensor [B, {L}] (see llip.get_tokenizer), got {got}")
+            raise TypeError(f"tokens must be an int64 tensor [B, {L}] (see llip.tokenizer_for), got {got}")
         if tokens.dim() != 2 or tokens.shape[1] != L:
             raise ValueError(
                 f"{self.config.name} expects tokens of shape [B, {L}] (its context_length), got "
-                f"{list(tokens.shape)}; tokenize with llip.get_tokenizer(context_length={L})"
+                f"{list(tokens.shape)}; tokenize with llip.tokenizer_for(model.config)"
             )
 
     # ---------------------------------------------------------------------------------------------- encoders
@@ -95,8 +115,10 @@ class LlipModel(nn.Module):
             return k, v
         if self.kind == "avg":
             pooled = h.mean(dim=1)  # [B, W]
-        else:  # siglip / clip (K = 1: the class token) and register (token 0 of K)
+        else:  # siglip / clip (K = 1: the class token or the attention pool) and register (token 0 of K)
             pooled = h[:, 0]  # [B, W]
+        if c.towers == "big_vision":
+            return pooled  # [B, D]
         return pooled @ self.image_projection.to(pooled.dtype)  # [B, D]
 
     def encode_text(self, tokens: torch.Tensor):
@@ -104,6 +126,8 @@ class LlipModel(nn.Module):
         self._check_tokens(tokens)
         g = self.text(tokens)  # [B, Wt]
         y = g @ self.text_projection.to(g.dtype)  # [B, D]
+        if self.text_projection_bias is not None:
+            y = y + self.text_projection_bias.to(g.dtype)
         if self.kind != "llip":
             return y
         q = self.q_norm(g @ self.q_proj.to(g.dtype))  # [B, D]

@@ -1,7 +1,11 @@
 """The two towers: a pre-LN ViT with K prepended mixture tokens and the CLIP text transformer.
 
 Layout and parameter shapes follow OpenAI CLIP / OpenCLIP (fused ``in_proj`` of ``[3W, W]`` with bias, MLP
-``c_fc``/``c_proj``, QuickGELU), so parameter counts match the published ViT/CLIP sizes. Attention runs through
+``c_fc``/``c_proj``, QuickGELU or GELU), so parameter counts match the published ViT/CLIP sizes and open_clip's
+weights load by renaming (llip/model/pretrained.py). ``big_vision=True`` gives SigLIP's variant of the same blocks
+as open_clip builds it (timm's SigLIP ViT and open_clip's bidirectional text tower): LayerNorm eps 1e-6, a patch
+convolution with a bias, no ``ln_pre``, optionally the multi-head attention pool (:class:`AttentionPool`) instead
+of prepended tokens, and text pooled at the last position. Attention runs through
 ``F.scaled_dot_product_attention``.
 """
 
@@ -18,6 +22,9 @@ class QuickGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
 
 
 class SelfAttention(nn.Module):
@@ -40,12 +47,12 @@ class SelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LN residual block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
 
-    def __init__(self, width: int, heads: int, mlp_width: int):
+    def __init__(self, width: int, heads: int, mlp_width: int, activation: str = "quick_gelu", eps: float = 1e-5):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = SelfAttention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_width), QuickGELU(), nn.Linear(mlp_width, width))
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_width), ACTIVATIONS[activation](), nn.Linear(mlp_width, width))
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal)
@@ -55,11 +62,13 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of :class:`Block`; ``grad_checkpointing`` recomputes each block's activations in the backward."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, causal: bool):
+    def __init__(
+        self, width: int, layers: int, heads: int, mlp_width: int, causal: bool, activation: str, eps: float = 1e-5
+    ):
         super().__init__()
         self.causal = causal
         self.grad_checkpointing = False
-        self.blocks = nn.ModuleList([Block(width, heads, mlp_width) for _ in range(layers)])
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_width, activation, eps) for _ in range(layers)])
         self._init_weights(width, layers)
 
     def _init_weights(self, width: int, layers: int) -> None:
@@ -84,53 +93,115 @@ class Transformer(nn.Module):
         return x
 
 
+class AttentionPool(nn.Module):
+    """SigLIP's multi-head attention pooling (MAP, as timm's ``AttentionPoolLatent``): one learned query attends over
+    the tower's outputs, then a projection and a residual MLP. ``forward(x [B, N, W]) -> [B, 1, W]``."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, activation: str, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.latent = nn.Parameter(width**-0.5 * torch.randn(1, width))  # [1, W]: the query before ``q``
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_width), ACTIVATIONS[activation](), nn.Linear(mlp_width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, W = x.shape
+        hw = W // self.heads
+        q = self.q(self.latent.to(x.dtype)).view(1, self.heads, 1, hw).expand(B, -1, -1, -1)  # [B, h, 1, hw]
+        k, v = self.kv(x).view(B, N, 2, self.heads, hw).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, N, hw]
+        out = self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, W))  # [B, 1, W]
+        return out + self.mlp(self.norm(out))
+
+
 class VisionTower(nn.Module):
     """Pre-LN ViT with ``num_tokens`` learned tokens prepended to the patches (K mixture tokens, or 1 class token).
 
     ``forward(images [B, 3, S, S]) -> [B, num_tokens, W]``: ``ln_post`` of the first ``num_tokens`` outputs
     (patch outputs are dropped). The position table has ``num_tokens + grid^2`` rows, one per token.
+    With ``attention_pool`` (big_vision siglip) nothing is prepended (table of ``grid^2`` rows) and the output is
+    :class:`AttentionPool` of all ``ln_post`` outputs, ``[B, 1, W]``.
     """
 
     def __init__(
-        self, image_size: int, patch_size: int, width: int, layers: int, heads: int, mlp_width: int, num_tokens: int
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        mlp_width: int,
+        num_tokens: int,
+        activation: str = "quick_gelu",
+        big_vision: bool = False,
+        attention_pool: bool = False,
     ):
         super().__init__()
         self.image_size = image_size
-        self.num_tokens = num_tokens
+        self.num_tokens = 0 if attention_pool else num_tokens  # prepended tokens
         grid = image_size // patch_size
         scale = width**-0.5
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        self.tokens = nn.Parameter(scale * torch.randn(num_tokens, width))  # [K, W]
-        self.positional_embedding = nn.Parameter(scale * torch.randn(num_tokens + grid * grid, width))  # [K+g^2, W]
-        self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, mlp_width, causal=False)
-        self.ln_post = nn.LayerNorm(width)
+        eps = 1e-6 if big_vision else 1e-5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=big_vision)
+        if self.num_tokens:
+            self.tokens = nn.Parameter(scale * torch.randn(self.num_tokens, width))  # [K, W]
+        rows = self.num_tokens + grid * grid
+        self.positional_embedding = nn.Parameter(scale * torch.randn(rows, width))  # [K + g^2, W]
+        self.ln_pre = nn.Identity() if big_vision else nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, mlp_width, causal=False, activation=activation, eps=eps)
+        self.ln_post = nn.LayerNorm(width, eps=eps)
+        self.pool = AttentionPool(width, heads, mlp_width, activation, eps) if attention_pool else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.conv1(images)  # [B, W, g, g]
         x = x.flatten(2).transpose(1, 2)  # [B, g^2, W]
-        tokens = self.tokens.to(x.dtype).expand(x.shape[0], -1, -1)  # [B, K, W]
-        x = torch.cat([tokens, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, K + g^2, W]
-        x = self.transformer(self.ln_pre(x))
+        if self.num_tokens:
+            tokens = self.tokens.to(x.dtype).expand(x.shape[0], -1, -1)  # [B, K, W]
+            x = torch.cat([tokens, x], dim=1)  # [B, K + g^2, W]
+        x = self.transformer(self.ln_pre(x + self.positional_embedding.to(x.dtype)))
+        if self.pool is not None:
+            return self.pool(self.ln_post(x))  # [B, 1, W]
         return self.ln_post(x[:, : self.num_tokens])  # [B, K, W]
 
 
 class TextTower(nn.Module):
     """The CLIP text transformer: ``forward(tokens [B, L] int64) -> [B, Wt]``, the ``ln_final`` feature at the
-    end-of-text token (found as the largest token id in each row, as CLIP does: 49407 is the largest id)."""
+    end-of-text token (found as the largest token id in each row, as CLIP does: 49407 is the largest id).
 
-    def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int):
+    ``big_vision``: SigLIP's text tower instead: no causal mask, the feature at the last position (the sequences are
+    padded to L, as SigLIP was trained), LayerNorm eps 1e-6 and an MLP of ``mlp_width``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int,
+        width: int,
+        layers: int,
+        heads: int,
+        activation: str = "quick_gelu",
+        big_vision: bool = False,
+        mlp_width: int | None = None,
+    ):
         super().__init__()
         self.context_length = context_length
+        self.pool_last = big_vision
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))  # [L, Wt]
-        self.transformer = Transformer(width, layers, heads, 4 * width, causal=True)
-        self.ln_final = nn.LayerNorm(width)
+        eps = 1e-6 if big_vision else 1e-5
+        self.transformer = Transformer(
+            width, layers, heads, mlp_width or 4 * width, causal=not big_vision, activation=activation, eps=eps
+        )
+        self.ln_final = nn.LayerNorm(width, eps=eps)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(tokens) + self.positional_embedding  # [B, L, Wt]
         x = self.ln_final(self.transformer(x))
+        if self.pool_last:
+            return x[:, -1]  # [B, Wt]
         eot = tokens.argmax(dim=-1)  # [B]
         return x[torch.arange(x.shape[0], device=x.device), eot]  # [B, Wt]

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from ..data import builtin
-
-RETRIEVAL_KS = (1, 5, 10)
-
-
-def retrieval_chance(caption_to_image: torch.Tensor, n_images: int) -> dict[str, float]:
-    """Expected R@k of a random ranking: text->image ``k / N``; image->text ``1 - C(M - c_i, k) / C(M, k)``
-    averaged over images with ``c_i`` captions among ``M``."""
-    m = len(caption_to_image)
-    counts = torch.bincount(caption_to_image, minlength=n_images).tolist()
-    out = {}
-    for k in RETRIEVAL_KS:
-        i2t = sum(1.0 - math.comb(m - c, k) / math.comb(m, k) for c in counts) / n_images
-        out[f"image_to_text_R@{k}"] = 100.0 * i2t
-        out[f"text_to_image_R@{k}"] = 100.0 * min(1.0, k / n_images)
-    return out
+from ..eval_tasks import retrieval_chance
 
 
 @torch.no_grad()
@@ -89,7 +74,7 @@ def evaluate_checkpoint(path: str, *, eval_images: int = 500, backend: str | Non
     model.load_state_dict(state["model"])
     model.to(device)
     check_backend(backend, model, device)
-    tokenizer = llip.get_tokenizer(context_length=model.context_length)
+    tokenizer = llip.tokenizer_for(model.config)
     evalset = builtin.eval_set(
         model.image_size, llip.image_transform(model.image_size, train=False), tokenizer, n_images=eval_images
     )

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..data.skips import describe
 from ..errors import DataError, UsageError
+from ..eval_tasks import check_val_options, make_val_evaluator
 from .checkpoint import (
     remove_stale_temp_files,
     rng_state,
@@ -67,6 +68,11 @@ class TrainConfig:
     keep: int = 3
     eval_every: int = 0  # 0: evaluate only at the end
     eval_images: int = 500
+    val_data: str | None = None  # held-out pairs (.csv/.tsv or .tar shards): retrieval metrics "val/..." at each eval
+    val_samples: int = 1000  # at most this many images of val_data (held in memory)
+    val_zeroshot: str | None = None  # an image folder DIR/<class>/<images>: zero-shot metrics "val_zeroshot/..."
+    val_classnames: str | None = None  # class names of val_zeroshot: a file, "imagenet", or None (folder names)
+    val_templates: str = "imagenet"  # prompt templates of val_zeroshot: a file, "imagenet" (80) or "simple" (1)
     seed: int = 0
     workers: int = 1
     grad_clip: float | None = None
@@ -76,6 +82,7 @@ class TrainConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
+    pretrained: str | None = None  # an open_clip ViT CLIP checkpoint the towers start from (llip/model/pretrained.py)
     builtin_length: int = 100_000
     hang_after: int | None = None  # fault injection for the resume test: sleep forever after this step
     hang_in_checkpoint: int | None = None  # fault injection: sleep forever inside this step's checkpoint write
@@ -116,7 +123,8 @@ def total_steps(cfg: TrainConfig, samples_per_epoch: int | None) -> int:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train as configured; returns ``{"step", "loss", "eval": {metric: (result, chance)}, "checkpoint"}``.
+    """Train as configured; returns ``{"step", "loss", "eval": {metric: (result, chance)}, "checkpoint", "curves"}``
+    (the paths as strings, None where not written).
     Raises :class:`TrainingDiverged` on a NaN/inf loss (no checkpoint is written after it)."""
     run = _setup_run(cfg)  # device, ranks, model, optimiser, data, schedule; restored from a checkpoint if resuming
     log = _open_log(run)  # rank 0 only (None elsewhere); also writes config.json
@@ -158,9 +166,16 @@ def train(cfg: TrainConfig) -> dict:
         results = _final_evaluation(evaluate, step, last_ckpt, skips)
     if log is not None:
         log.close()
+    curves = _draw_curves(run.out_dir) if log is not None else None  # rank 0, from the metrics just written
     if run.dd.world > 1:
         dist.barrier()
-    return {"step": step, "loss": loss_value, "eval": results, "checkpoint": str(last_ckpt) if last_ckpt else None}
+    return {
+        "step": step,
+        "loss": loss_value,
+        "eval": results,
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "curves": str(curves) if curves else None,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ set-up
@@ -205,16 +220,18 @@ def _setup_run(cfg: TrainConfig) -> _Run:
     if precision not in ("fp32", "bf16"):
         raise UsageError(f"--precision must be fp32, bf16 or auto, got {cfg.precision!r}")
     kind = data_kind(cfg.data)
+    check_val_options(cfg)  # --val-data / --val-zeroshot readable, before anything is written
     out_dir, ckpt_dir = Path(cfg.output), Path(cfg.output) / "checkpoints"
     dd = setup_distributed(device)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
+    pretrained = _read_pretrained(cfg)
+    tokenizer = llip.tokenizer_for(llip.get_config(cfg.model, **cfg.overrides))  # a missing file: refused here
     _claim_output(cfg, dd, out_dir, ckpt_dir)
 
     seed_everything(cfg.seed)  # before the model: its initial weights depend on it
-    model, optimizer, scaler, lr = _build_model(cfg, device)
+    model, optimizer, scaler, lr = _build_model(cfg, device, pretrained)
     check_backend(cfg.backend, model, device, precision)
-    tokenizer = llip.get_tokenizer(context_length=model.context_length)
     # Built-in scenes are drawn at the model's size and carry their own variety: no random crop (it would
     # also cut objects out and falsify captions); real data gets the training augmentation.
     transform = llip.image_transform(model.image_size, train=kind != "builtin")
@@ -280,12 +297,27 @@ def _warmup_steps(cfg: TrainConfig, steps: int) -> int:
     return min(cfg.warmup, steps)
 
 
-def _build_model(cfg: TrainConfig, device: str) -> tuple[LlipModel, torch.optim.Optimizer, torch.amp.GradScaler, float]:
-    """The model on ``device``, its AdamW optimiser (the recipe's betas and eps), the (disabled) grad scaler and
-    the peak learning rate."""
+def _read_pretrained(cfg: TrainConfig) -> dict | None:
+    """The ``--pretrained`` checkpoint's tensors, checked against the model's names and shapes (on the meta
+    device) so that a wrong file is refused before the run folder is touched."""
+    if cfg.pretrained is None:
+        return None
+    import llip
+    from llip.model.pretrained import convert_open_clip, read_state_dict
+
+    state = read_state_dict(cfg.pretrained)
+    convert_open_clip(llip.create_model(cfg.model, device="meta", **cfg.overrides), state)
+    return state
+
+
+def _build_model(
+    cfg: TrainConfig, device: str, pretrained: dict | None = None
+) -> tuple[LlipModel, torch.optim.Optimizer, torch.amp.GradScaler, float]:
+    """The model on ``device`` (its towers from ``pretrained``, open_clip tensors, if given), its AdamW optimiser
+    (the recipe's betas and eps), the (disabled) grad scaler and the peak learning rate."""
     import llip
 
-    model = llip.create_model(cfg.model, **cfg.overrides).to(device)
+    model = llip.create_model(cfg.model, pretrained=pretrained, **cfg.overrides).to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     lr = cfg.lr if cfg.lr is not None else model.config.lr
@@ -359,24 +391,28 @@ def _write_run_config(run: _Run) -> None:
 
 
 def _make_evaluator(run: _Run, log: MetricsLog | None) -> Callable[[int], dict]:
-    """``evaluate(step) -> {metric: (result, chance)}`` on the built-in validation scenes, logged under ``eval``
-    (rank 0 only); ``{}`` for other data. The validation set is drawn on first use, not before it is needed."""
+    """``evaluate(step) -> {metric: (result, chance)}`` on the built-in validation scenes (when training on them)
+    and on ``--val-data`` / ``--val-zeroshot`` (keys ``val/...``, ``val_zeroshot/...``), logged under ``eval``
+    (rank 0 only); ``{}`` with none of them. Validation sets are read on first use, not before they are needed."""
     import llip
     from llip.data import builtin
 
     from .evaluate import evaluate_builtin
 
     evalset = None
+    evaluate_val = make_val_evaluator(run.cfg, run.model, run.tokenizer)
 
     def evaluate(step: int) -> dict:
         nonlocal evalset
-        if run.kind != "builtin":
-            return {}
-        if evalset is None:
-            eval_tf = llip.image_transform(run.model.image_size, train=False)
-            evalset = builtin.eval_set(run.model.image_size, eval_tf, run.tokenizer, n_images=run.cfg.eval_images)
-        results = evaluate_builtin(run.model, evalset, run.tokenizer, backend=run.cfg.backend)
-        log.log({"step": step, **{k: v for k, (v, _) in results.items()}}, prefix="eval")
+        results = {}
+        if run.kind == "builtin":
+            if evalset is None:
+                eval_tf = llip.image_transform(run.model.image_size, train=False)
+                evalset = builtin.eval_set(run.model.image_size, eval_tf, run.tokenizer, n_images=run.cfg.eval_images)
+            results = evaluate_builtin(run.model, evalset, run.tokenizer, backend=run.cfg.backend)
+        results.update(evaluate_val())
+        if results:
+            log.log({"step": step, **{k: v for k, (v, _) in results.items()}}, prefix="eval")
         return results
 
     return evaluate
@@ -449,6 +485,7 @@ class _StepDone:
     grad_norm: float | None  # before clipping; None without cfg.grad_clip
     step_time: float  # seconds: forward, loss, backward and update
     skipped: int  # samples the data skipped for this step's batch, summed over ranks
+    logit_bias: torch.Tensor | None = None  # the bias b used in the forward pass (0-dim; None: softmax loss)
 
 
 class _Skips:
@@ -507,7 +544,8 @@ def _train_step(run: _Run, batch: dict, step: int) -> _StepDone:
     scaler.update()
     run.scheduler.step()
     model.clamp_logit_scale()
-    return _StepDone(loss_value, out["logit_scale"], grad_norm, time.perf_counter() - t0, skipped)
+    bias = out["logit_bias"] if model.logit_bias is not None else None
+    return _StepDone(loss_value, out["logit_scale"], grad_norm, time.perf_counter() - t0, skipped, bias)
 
 
 @dataclass
@@ -543,6 +581,7 @@ def _log_step(
         "loss": done.loss,
         "lr": run.optimizer.param_groups[0]["lr"],
         "logit_scale": float(done.logit_scale.detach()),
+        **({} if done.logit_bias is None else {"logit_bias": float(done.logit_bias.detach())}),
         "step_time": done.step_time,
         "skipped": skipped,
     }
@@ -577,3 +616,19 @@ def _final_evaluation(evaluate: Callable[[int], dict], step: int, last_ckpt: Pat
     if last_ckpt is not None:
         print(f"checkpoint: {last_ckpt}")
     return results
+
+
+def _draw_curves(out_dir: Path) -> Path | None:
+    """Rank 0 at the end of the run: draw ``curves.png`` from the run's metrics and print its path below the
+    checkpoint's. The picture is a convenience: a failure to draw it is one warning line, and the finished run
+    (its checkpoints and metrics) stands."""
+    from ..errors import error_line
+    from .curves import plot_run
+
+    try:
+        path = plot_run(out_dir)
+    except Exception as e:  # whatever goes wrong (a missing matplotlib, a full disk), the run itself succeeded
+        print(f"llip train: warning: could not draw the curves: {error_line(e)}", file=sys.stderr)
+        return None
+    print(f"curves: {path}")
+    return path

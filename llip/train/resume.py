@@ -24,9 +24,20 @@ RESUME_FREE_FIELDS = {
     "resume", "output", "overwrite", "progress", "tensorboard", "workers", "eval_every", "eval_images", "log_every",
     "save_every", "keep", "device", "compile", "backend", "grad_checkpointing", "hang_after", "hang_in_checkpoint",
     "overrides",  # compared through the model configuration instead
+    "pretrained",  # where the weights started: a resumed run continues from its checkpoint
+    "val_data", "val_samples", "val_zeroshot", "val_classnames", "val_templates",  # what is measured, not trained
 }  # fmt: skip
 # Model fields a resumed run may change (with a warning): they change the training, not the model's parameters.
 RESUME_MODEL_FIELDS = {"tau", "lr", "loss", "init_logit_scale", "init_logit_bias"}
+
+
+def _saved_model_config(state: dict) -> dict:
+    """The checkpoint's model config, with fields added since it was written at their defaults (which is what the
+    model it holds was built with: e.g. ``towers`` "openai")."""
+    from ..configs import ModelConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+    return {**defaults, **state.get("model_config", {})}
 
 
 def load_resume_state(
@@ -54,7 +65,7 @@ def load_resume_state(
 
 def check_same_model(state: dict, model: LlipModel, path: Path) -> None:
     """Load the checkpoint's weights into ``model``, or refuse with the configuration fields that differ."""
-    saved = state.get("model_config", {})
+    saved = _saved_model_config(state)
     now = dataclasses.asdict(model.config)
     differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUME_MODEL_FIELDS]
     mismatch = None
@@ -82,7 +93,7 @@ def resume_changes(state: dict, cfg: TrainConfig, model: LlipModel) -> list[str]
         for k in sorted(set(saved) | set(now))
         if k not in RESUME_FREE_FIELDS and saved.get(k) != now.get(k)
     ]
-    saved_model, now_model = state.get("model_config", {}), dataclasses.asdict(model.config)
+    saved_model, now_model = _saved_model_config(state), dataclasses.asdict(model.config)
     changes += [
         f"model.{k}: {saved_model.get(k)!r} -> {now_model.get(k)!r}"
         for k in sorted(RESUME_MODEL_FIELDS)

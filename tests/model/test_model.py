@@ -115,19 +115,28 @@ def block_params(width, mlp):
 def expected_params(c: ModelConfig) -> int:
     """Count of every parameter, from the config's dimensions alone."""
     W, Wt, D, K, g = c.vision_width, c.text_width, c.D, c.K, c.image_size // c.patch_size
+    mlp = int(W * c.mlp_ratio)
+    big_vision = c.towers == "big_vision"  # conv bias, no ln_pre, siglip: attention pool instead of a class token
+    pool = big_vision and c.kind == "siglip"
+    tokens = 0 if pool else K
     vision = (
         3 * c.patch_size**2 * W
-        + K * W
-        + (K + g * g) * W
-        + 2 * W
-        + c.vision_layers * block_params(W, int(W * c.mlp_ratio))
+        + (W if big_vision else 0)
+        + tokens * W
+        + (tokens + g * g) * W
+        + (0 if big_vision else 2 * W)
+        + c.vision_layers * block_params(W, mlp)
         + 2 * W
     )
-    text = c.vocab_size * Wt + c.context_length * Wt + c.text_layers * block_params(Wt, 4 * Wt) + 2 * Wt
+    if pool:  # latent, q, kv, proj, LayerNorm, MLP
+        vision += W + (W * W + W) + (2 * W * W + 2 * W) + (W * W + W) + 2 * W + (W * mlp + mlp) + (mlp * W + W)
+    text_mlp = int(Wt * c.mlp_ratio) if big_vision else 4 * Wt
+    text = c.vocab_size * Wt + c.context_length * Wt + c.text_layers * block_params(Wt, text_mlp) + 2 * Wt
     if c.kind == "llip":
         heads = 2 * K * W * D + Wt * D + D * D + Wt * D + (6 * D if c.qkv_norm else 0)
     else:
-        heads = W * D + Wt * D
+        heads = (0 if big_vision else W * D) + Wt * D
+    heads += D if big_vision else 0  # the text projection's bias
     scalars = 2 if c.loss == "sigmoid" else 1
     return vision + text + heads + scalars
 
@@ -355,7 +364,7 @@ def test_bad_inputs_raise_clear_errors():
     images, tokens = make_batch(m, B=2)
     with pytest.raises(ValueError, match=r"images of shape \[B, 3, 32, 32\].*got \[2, 3, 64, 64\]"):
         m(torch.randn(2, 3, 64, 64), tokens)
-    with pytest.raises(ValueError, match=r"tokens of shape \[B, 32\].*got \[2, 77\].*context_length=32"):
+    with pytest.raises(ValueError, match=r"tokens of shape \[B, 32\].*got \[2, 77\].*tokenizer_for\(model\.config\)"):
         m(images, torch.zeros(2, 77, dtype=torch.long))
     with pytest.raises(TypeError, match="int64"):
         m(images, tokens.float())
