@@ -270,22 +270,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compare",
-        help="train CLIP, SigLIP and Llip with identical towers and budget",
-        description="Train CLIP, SigLIP and Llip (same towers, data, steps, batch, lr) on the "
-        "built-in scenes; write a table (markdown + JSON) and a plot.",
+        help="train CLIP, SigLIP and Llip with identical towers and budget, over seeds",
+        description="Train CLIP, SigLIP and Llip (same towers, data, steps, batch, lr) on the built-in scenes with "
+        "one or more seeds; write a table (mean and standard deviation per model, paired differences from SigLIP "
+        "with 95%% intervals; markdown + JSON) and a plot.",
     )
     p.add_argument("--size", default="tiny", help="tower size: the models are clip-/siglip-/llip-<size>")
-    p.add_argument("--kinds", default="clip,siglip,llip", help="comma-separated model kinds")
+    p.add_argument("--kinds", default="clip,siglip,llip", help="comma-separated model kinds (also register, avg)")
     p.add_argument("--steps", type=POSITIVE_INT, default=600)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=128)
     p.add_argument("--lr", type=POSITIVE_FLOAT, default=None)
     p.add_argument("--warmup", type=COUNT, default=60)
     p.add_argument("--workers", type=COUNT, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--seeds", type=POSITIVE_INT, default=1, help="seeds per model: --seed, --seed + 1, ...")
     p.add_argument("--eval-images", type=POSITIVE_INT, default=500)
     p.add_argument("--output", default="runs/compare")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--overwrite", action="store_true", help="replace runs already in --output")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the runs already in --output (same settings), finish the rest"
+    )
 
     p = sub.add_parser(
         "plot",
@@ -354,10 +359,12 @@ def _run(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             workers=args.workers,
             seed=args.seed,
+            seeds=args.seeds,
             eval_images=args.eval_images,
             output=args.output,
             progress=args.progress,
             overwrite=args.overwrite,
+            resume=args.resume,
         )
         return 0
     if args.command == "plot":

@@ -7,7 +7,7 @@ Each ``<size>.json`` in this folder holds the tower dimensions and Llip head of 
 - ``siglip`` / ``clip``: the baselines, one pooled image vector from a single class token (K = 1), trained with
   the sigmoid (SigLIP) or softmax (CLIP InfoNCE) loss;
 - ``register``: SigLIP on mixture token 0 of K (the paper's ablation: extra tokens act as registers);
-- ``avg``: SigLIP on the mean of the K mixture tokens.
+- ``avg``: SigLIP on the mean of the K mixture tokens, each projected by its own matrix (the official baseline).
 
 The ``*-bigvision.json`` sizes are the towers of open_clip's SigLIP models (``ViT-B-16-SigLIP``,
 ``ViT-L-16-SigLIP-256``, ``ViT-SO400M-14-SigLIP``; ``towers="big_vision"``) with a siglip and a llip kind, so their
@@ -58,7 +58,7 @@ class ModelConfig:
     D: int  # embedding dim
     tau: float  # mixer softmax temperature (fixed, not learned; llip only)
     qkv_norm: bool  # LayerNorm(D) on keys, values and queries (llip only; H/14, G/14)
-    init_logit_scale: float  # log of the initial logit multiplier t; clamped at log(100) by clamp_logit_scale()
+    init_logit_scale: float  # log of the initial logit multiplier t; clamped to [0, log(100)] by clamp_logit_scale()
     init_logit_bias: float  # initial logit bias b (sigmoid loss only; the softmax loss has none)
     lr: float  # peak AdamW learning rate of the recipe (docs/design.md section 2); advice for the trainer
     # MLP activation of both towers: "quick_gelu" (x * sigmoid(1.702 x), what OpenAI's CLIP weights were trained

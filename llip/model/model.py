@@ -65,6 +65,8 @@ class LlipModel(nn.Module):
             self.w_out = nn.Parameter(D**-0.5 * torch.randn(D, D))  # [D, D]
             norm = nn.LayerNorm if c.qkv_norm else nn.Identity
             self.k_norm, self.v_norm, self.q_norm = norm(D), norm(D), norm(D)
+        elif c.kind == "avg":  # one projection per token, averaged after projecting (ref. code)
+            self.image_projection = nn.Parameter(W**-0.5 * torch.randn(c.K, W, D))  # [K, W, D]
         elif not big_vision:  # big_vision siglip: the attention pool's output is the embedding (D = W)
             self.image_projection = nn.Parameter(W**-0.5 * torch.randn(W, D))  # [W, D]
         self.text_projection = nn.Parameter(Wt**-0.5 * torch.randn(Wt, D))  # [Wt, D]
@@ -113,10 +115,9 @@ class LlipModel(nn.Module):
             k = k.view(B, c.K, c.H, d).transpose(1, 2)  # [B, H, K, d]
             v = v.view(B, c.K, c.H, d).transpose(1, 2).to(k.dtype)  # [B, H, K, d]
             return k, v
-        if self.kind == "avg":
-            pooled = h.mean(dim=1)  # [B, W]
-        else:  # siglip / clip (K = 1: the class token or the attention pool) and register (token 0 of K)
-            pooled = h[:, 0]  # [B, W]
+        if self.kind == "avg":  # mean_k(h_k @ P_k), as the official baseline (not (mean_k h_k) @ P)
+            return torch.einsum("bkw,kwd->bkd", h, self.image_projection.to(h.dtype)).mean(dim=1)  # [B, D]
+        pooled = h[:, 0]  # [B, W]: siglip / clip (the class token or the attention pool), register (token 0 of K)
         if c.towers == "big_vision":
             return pooled  # [B, D]
         return pooled @ self.image_projection.to(pooled.dtype)  # [B, D]
@@ -217,8 +218,9 @@ class LlipModel(nn.Module):
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
-        """Clamp the log-scale parameter to <= log(100) in place (call after each optimizer step)."""
-        self.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
+        """Clamp the log-scale parameter to [0, log(100)] in place, as the official code does (call after each
+        optimizer step): the multiplier t stays in [1, 100]."""
+        self.logit_scale.clamp_(min=0.0, max=MAX_LOGIT_SCALE)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each transformer block in the backward pass (both towers) to save activation memory."""

@@ -17,7 +17,7 @@ from CLIP's by this rule (:func:`_init_new_parts`), chosen so that the pretraine
   CLIP's image embedding of that token, and the query projection is CLIP's text projection: the mixer weighs each
   token by its CLIP similarity to the caption;
 - ``W_out``: the identity, so the mixed embedding is a mixture of CLIP image embeddings;
-- ``register`` / ``avg``: the image projection is CLIP's.
+- ``register``: the image projection is CLIP's; ``avg``: each token's projection is CLIP's.
 
 With copies of one token the K tokens' outputs nearly coincide, so a fresh Llip model scores pairs close to the
 CLIP model it came from (not exactly: the patches now attend to K copies of the class token instead of one).
@@ -220,6 +220,8 @@ def _init_new_parts(model, ours: dict[str, torch.Tensor]) -> list[str]:
         ours["w_out"] = torch.eye(c.D, dtype=proj.dtype)
         names += ["k_proj", "v_proj", "q_proj", "w_out"]
         _identity_norms(model, ours)
+    elif c.kind == "avg":  # one projection per token: CLIP's for each
+        ours["image_projection"] = proj[None].repeat(c.K, 1, 1)  # [K, W, D]
     else:
         ours["image_projection"] = proj
     return names

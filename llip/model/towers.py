@@ -60,18 +60,39 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of :class:`Block`; ``grad_checkpointing`` recomputes each block's activations in the backward."""
+    """A stack of :class:`Block`; ``grad_checkpointing`` recomputes each block's activations in the backward.
+
+    ``init``: "clip", CLIP's normal init (the text tower); "pytorch", what PyTorch gives the official vision tower's
+    blocks, which have no init of their own: ``nn.MultiheadAttention``'s (Xavier-uniform in-projection, zero
+    biases) and ``nn.Linear``'s defaults elsewhere (uniform in +-fan_in^-0.5; std 0.0208 at W = 768).
+    """
 
     def __init__(
-        self, width: int, layers: int, heads: int, mlp_width: int, causal: bool, activation: str, eps: float = 1e-5
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        mlp_width: int,
+        causal: bool,
+        activation: str,
+        eps: float = 1e-5,
+        init: str = "clip",
     ):
         super().__init__()
         self.causal = causal
         self.grad_checkpointing = False
         self.blocks = nn.ModuleList([Block(width, heads, mlp_width, activation, eps) for _ in range(layers)])
-        self._init_weights(width, layers)
+        if init == "pytorch":
+            for blk in self.blocks:
+                nn.init.xavier_uniform_(blk.attn.in_proj.weight)
+                nn.init.zeros_(blk.attn.in_proj.bias)
+                nn.init.zeros_(blk.attn.out_proj.bias)
+        elif init == "clip":
+            self._init_clip(width, layers)
+        else:
+            raise ValueError(f"init must be 'clip' or 'pytorch', got {init!r}")
 
-    def _init_weights(self, width: int, layers: int) -> None:
+    def _init_clip(self, width: int, layers: int) -> None:
         # CLIP's init: std W^-0.5 for attention inputs, scaled down with depth for the residual projections.
         proj_std = width**-0.5 * (2 * layers) ** -0.5
         attn_std = width**-0.5
@@ -150,7 +171,9 @@ class VisionTower(nn.Module):
         rows = self.num_tokens + grid * grid
         self.positional_embedding = nn.Parameter(scale * torch.randn(rows, width))  # [K + g^2, W]
         self.ln_pre = nn.Identity() if big_vision else nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, mlp_width, causal=False, activation=activation, eps=eps)
+        self.transformer = Transformer(
+            width, layers, heads, mlp_width, causal=False, activation=activation, eps=eps, init="pytorch"
+        )
         self.ln_post = nn.LayerNorm(width, eps=eps)
         self.pool = AttentionPool(width, heads, mlp_width, activation, eps) if attention_pool else None
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import llip
 from llip.configs import ModelConfig
-from llip_kernels.testing import check_rule
+from llip_kernels.testing import check_rule, check_same_result
 
 KINDS = ("llip", "siglip", "clip", "register", "avg")
 TINY = {kind: f"{kind}-tiny" for kind in KINDS}
@@ -134,6 +134,8 @@ def expected_params(c: ModelConfig) -> int:
     text = c.vocab_size * Wt + c.context_length * Wt + c.text_layers * block_params(Wt, text_mlp) + 2 * Wt
     if c.kind == "llip":
         heads = 2 * K * W * D + Wt * D + D * D + Wt * D + (6 * D if c.qkv_norm else 0)
+    elif c.kind == "avg":
+        heads = K * W * D + Wt * D  # one image projection per token
     else:
         heads = (0 if big_vision else W * D) + Wt * D
     heads += D if big_vision else 0  # the text projection's bias
@@ -274,8 +276,10 @@ def test_pooled_loss_equals_hand_written(kind):
     m = llip.create_model(TINY[kind])
     images, tokens = make_batch(m, B=6)
     h = m.visual(images)  # [B, K, W]
-    pooled = h.mean(1) if kind == "avg" else h[:, 0]
-    img = F.normalize(pooled @ m.image_projection, dim=-1)
+    if kind == "avg":
+        img = F.normalize(sum(h[:, k] @ m.image_projection[k] for k in range(m.config.K)) / m.config.K, dim=-1)
+    else:
+        img = F.normalize(h[:, 0] @ m.image_projection, dim=-1)
     txt = F.normalize(m.text(tokens) @ m.text_projection, dim=-1)
     logits = m.logit_scale.exp() * img @ txt.t()
     if kind == "clip":
@@ -357,6 +361,63 @@ def test_param_groups_and_logit_scale_clamp():
         m.logit_scale.fill_(10.0)
     m.clamp_logit_scale()
     assert m.logit_scale.item() == pytest.approx(math.log(100))
+
+
+def test_logit_scale_is_kept_in_the_official_range():
+    """The official code clamps the log-scale to [0, log(100)]: the multiplier t stays in [1, 100]."""
+    m = llip.create_model("siglip-tiny")
+    for value, expected in ((-1.0, 0.0), (0.5, 0.5), (10.0, math.log(100))):
+        with torch.no_grad():
+            m.logit_scale.fill_(value)
+        m.clamp_logit_scale()
+        assert m.logit_scale.item() == pytest.approx(expected)
+
+
+def test_avg_projects_each_token_then_averages():
+    """The official avg baseline: mean_k(h_k @ P_k) with one projection per token, P of shape [K, W, D]; not
+    (mean_k h_k) @ P."""
+    torch.manual_seed(4)
+    m = llip.create_model("avg-tiny").double()
+    c = m.config
+    assert m.image_projection.shape == (c.K, c.vision_width, c.D)
+    images, tokens = make_batch(m, B=3)
+    images = images.double()
+    with torch.no_grad():
+        h = m.visual(images)  # [B, K, W]
+        expected = torch.stack([sum(h[b, k] @ m.image_projection[k] for k in range(c.K)) / c.K for b in range(3)])
+        check_same_result("avg image embedding", m.encode_image(images), expected, dtype=torch.float64,
+                          terms=c.vision_width * c.K)  # fmt: skip
+        shared_first = h.mean(1) @ m.image_projection.mean(0)  # what a single projection of the mean would give
+        assert (m.encode_image(images) - shared_first).abs().max() > 1e-3
+
+
+def test_vision_blocks_keep_pytorch_init_and_text_blocks_clip_init():
+    """The official vision tower gives its blocks no init of their own (PyTorch's: nn.MultiheadAttention's
+    Xavier-uniform in-projection with zero biases, nn.Linear's defaults elsewhere); the text tower has CLIP's.
+    Standard deviations at the B/16 width, where the two differ most visibly (issue figures: 0.0255 vs 0.0361 ...)."""
+    from llip.model.towers import Transformer
+
+    torch.manual_seed(5)
+    W = 768
+    vision = Transformer(W, 1, 12, 4 * W, causal=False, activation="quick_gelu", init="pytorch").blocks[0]
+    expected = {  # std of U(-a, a) is a / sqrt(3)
+        "attn.in_proj.weight": (6 / (W + 3 * W)) ** 0.5 / 3**0.5,  # xavier_uniform_ on [3W, W]: 0.0255
+        "attn.out_proj.weight": W**-0.5 / 3**0.5,  # nn.Linear default: 0.0208
+        "mlp.0.weight": W**-0.5 / 3**0.5,  # 0.0208
+        "mlp.2.weight": (4 * W) ** -0.5 / 3**0.5,  # 0.0104
+    }
+    for name, std in expected.items():
+        p = vision.get_parameter(name)
+        assert p.std().item() == pytest.approx(std, rel=0.02), name
+        assert p.abs().max().item() <= std * 3**0.5  # uniform, not normal
+    assert not vision.attn.in_proj.bias.any() and not vision.attn.out_proj.bias.any()
+    assert 0 < vision.mlp[0].bias.abs().max().item() <= W**-0.5  # nn.Linear's default bias
+    text = Transformer(W, 12, 12, 4 * W, causal=True, activation="quick_gelu", init="clip").blocks[0]
+    assert text.attn.in_proj.weight.std().item() == pytest.approx(W**-0.5, rel=0.02)
+    model = llip.create_model("llip-tiny")
+    w = model.config.vision_width
+    in_proj = model.visual.transformer.blocks[0].attn.in_proj.weight
+    assert in_proj.abs().max().item() <= (6 / (w + 3 * w)) ** 0.5  # the model's vision tower uses it
 
 
 def test_bad_inputs_raise_clear_errors():

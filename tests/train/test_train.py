@@ -42,15 +42,16 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(50, warmup=4, total=10) == pytest.approx(0.0, abs=1e-12)  # stays at zero past the end
 
 
-@pytest.mark.slow  # ~70 CPU-seconds: the costliest test of the training files
+@pytest.mark.slow  # about 15 s on 2 cores
 def test_short_run_learns_and_beats_chance(tmp_path):
-    result = train(_cfg(tmp_path, steps=100, batch_size=32, lr=3e-3, warmup=10, eval_images=100, save_every=100))
+    result = train(_cfg(tmp_path, steps=200, batch_size=32, lr=3e-3, warmup=10, eval_images=100, save_every=200))
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
-    assert len(losses) == 100 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == 200 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:10]) / 10
     ev = result["eval"]
-    # Image->text recall clearly above a random ranking after 100 small steps (measured: R@5 10.0 vs 4.9,
-    # R@10 15.0 vs 9.6 at seed 0).
+    # Image->text recall clearly above a random ranking after 200 small steps (measured with the vision tower's
+    # official init, one thread: R@5 10.0 / R@10 18.0 at seed 0, 8.0 / 14.0 at seed 1, vs chance 4.9 / 9.6; 100
+    # steps, enough with CLIP's init, gave 3-4 / 9-15, i.e. chance).
     for key, factor in (("image_to_text_R@5", 1.5), ("image_to_text_R@10", 1.2)):
         value, chance = ev[key]
         assert value > factor * chance, (key, value, chance)
