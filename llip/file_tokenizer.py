@@ -16,22 +16,21 @@ for SigLIP as follows, and so does :class:`FileTokenizer`:
 
 from __future__ import annotations
 
-import html
 import json
 import string
-import unicodedata
 from pathlib import Path
 
 import torch
+
+from .tokenizer import clean
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def canonicalize(text: str) -> str:
-    """SigLIP's caption clean-up (see the module docstring)."""
-    text = unicodedata.normalize("NFC", html.unescape(html.unescape(text))).strip()
-    text = text.replace("_", " ").translate(_PUNCTUATION).lower()
-    return " ".join(text.split())
+    """SigLIP's caption clean-up (see the module docstring): CLIP's clean-up, then ``_`` as a space and no ASCII
+    punctuation."""
+    return " ".join(clean(text).replace("_", " ").translate(_PUNCTUATION).split())
 
 
 def _pad_token(folder: Path) -> str | None:

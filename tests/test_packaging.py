@@ -54,26 +54,21 @@ def _user_data(folder: Path, open_clip_like) -> None:
     """What the fresh environment evaluates and loads: ``tree/<class>/<n>.png``, ``val.tar`` (webdataset-style
     pairs), an open_clip CLIP checkpoint with random weights (``open_clip.pt``) and its outputs on fixed inputs."""
     import io
-    import tarfile
 
     from PIL import Image
 
     import llip
+    from tests.shards import write_shard
 
-    with tarfile.open(folder / "val.tar", "w") as shard:
-        for name, rgb in {"red": (220, 30, 30), "blue": (30, 30, 220)}.items():
-            (folder / "tree" / name).mkdir(parents=True)
-            for i in range(2):
-                buf = io.BytesIO()
-                Image.new("RGB", (40, 40), rgb).save(buf, format="PNG")
-                (folder / "tree" / name / f"{i}.png").write_bytes(buf.getvalue())
-                for member, payload in (
-                    (f"{name}{i}.png", buf.getvalue()),
-                    (f"{name}{i}.txt", f"a {name} picture".encode()),
-                ):
-                    info = tarfile.TarInfo(member)
-                    info.size = len(payload)
-                    shard.addfile(info, io.BytesIO(payload))
+    members = []
+    for name, rgb in {"red": (220, 30, 30), "blue": (30, 30, 220)}.items():
+        (folder / "tree" / name).mkdir(parents=True)
+        for i in range(2):
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 40), rgb).save(buf, format="PNG")
+            (folder / "tree" / name / f"{i}.png").write_bytes(buf.getvalue())
+            members += [(f"{name}{i}.png", buf.getvalue()), (f"{name}{i}.txt", f"a {name} picture".encode())]
+    write_shard(folder / "val.tar", members)
     config = llip.get_config("clip-tiny")
     theirs = open_clip_like(config, quick_gelu=True)
     torch.save(theirs.state_dict(), folder / "open_clip.pt")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import tarfile
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from llip.data.webdata import expand_shards
 from llip.errors import DataError, UsageError
 from llip.tokenizer import get_tokenizer
 from llip.transforms import image_transform
+from tests.shards import write_shard
 
 S = 32  # llip-tiny's image size
 
@@ -157,14 +157,6 @@ def test_tsv_and_clear_errors(tmp_path, tokenizer):
         data_kind("data.parquet")
 
 
-def _write_shard(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-
-
 def _shards(tmp_path):
     """Three shards of 4 samples; one corrupt image, one sample without a caption; 10 good samples."""
     n = 0
@@ -182,7 +174,7 @@ def _shards(tmp_path):
             if (s, i) != (2, 0):
                 members.append((f"{key}.txt", f"caption {n}".encode()))
             n += 1
-        _write_shard(tmp_path / f"shard-{s:03d}.tar", members)
+        write_shard(tmp_path / f"shard-{s:03d}.tar", members)
     return str(tmp_path / "shard-{000..002}.tar")
 
 
@@ -220,7 +212,7 @@ def test_webdataset_resume_replays_the_stream(tmp_path, tokenizer):
 def test_webdataset_missing_or_empty_source_is_a_clear_error(tmp_path, tokenizer):
     with pytest.raises(DataError, match="shards not found"):
         expand_shards(str(tmp_path / "nope-{0..3}.tar"))
-    _write_shard(tmp_path / "empty.tar", [])
+    write_shard(tmp_path / "empty.tar", [])
     data = build_train_loader(
         str(tmp_path / "empty.tar"),
         image_size=S,

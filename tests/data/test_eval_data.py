@@ -5,7 +5,6 @@ a CSV file and tar shards with unreadable samples skipped and counted."""
 from __future__ import annotations
 
 import io
-import tarfile
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from llip.eval_data import (
 )
 from llip.eval_tasks import retrieval_chance
 from llip.transforms import image_transform
+from tests.shards import write_shard
 
 S = 32
 CORRUPT = b"\x89PNG\r\n\x1a\n not really a png"
@@ -158,14 +158,6 @@ def test_retrieval_pairs_from_csv(tmp_path):
     assert first.images.shape[0] == 1 and first.truncated and first.caption_to_image.tolist() == [0, 0]
 
 
-def _shard(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for name, payload in samples:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-
-
 def _png_bytes(value: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.full((20, 20, 3), value, dtype=np.uint8)).save(buf, format="PNG")
@@ -178,7 +170,7 @@ def test_retrieval_pairs_from_shards_read_one_pass(tmp_path):
         for i in range(3):
             members += [(f"s{s}_{i}.png", CORRUPT if (s, i) == (1, 0) else _png_bytes(40 * i)),
                         (f"s{s}_{i}.txt", f"caption {s} {i}".encode())]  # fmt: skip
-        _shard(tmp_path / f"val-{s}.tar", members)
+        write_shard(tmp_path / f"val-{s}.tar", members)
     spec = str(tmp_path / "val-{0..1}.tar")
     assert check_retrieval_source(spec) == "wds"
     pairs = read_retrieval_set(spec, image_transform(S, False), SkipLog(), max_samples=100)

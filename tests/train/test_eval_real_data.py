@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from llip.evaluation import (
 from llip.train.checkpoint import save_checkpoint
 from llip.train.loop import TrainConfig
 from llip.train.resume import RESUME_FREE_FIELDS
+from tests.shards import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 LLIP = Path(sys.executable).parent / "llip"
@@ -78,11 +78,7 @@ def data(tmp_path_factory) -> dict[str, Path | str]:
     (root / "zs" / "red" / "broken.png").write_bytes(CORRUPT)
     (root / "pairs.csv").write_text("\n".join(rows) + "\n")
     for s, members in enumerate(shard_members):
-        with tarfile.open(root / f"val-{s}.tar", "w") as tar:
-            for name, payload in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+        write_shard(root / f"val-{s}.tar", members)
     return {"root": root, "zs": root / "zs", "csv": root / "pairs.csv", "shards": str(root / "val-{0..1}.tar")}
 
 

@@ -13,12 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from tests.shards import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 MINI = [
@@ -133,15 +134,6 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _shard(path: Path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return str(path)
-
-
 @pytest.mark.parametrize(
     "kind,words",
     [
@@ -165,7 +157,7 @@ def test_shards_without_a_readable_sample(tmp_path, kind, words):
             "captions only": captions,
             "empty captions": images + [(f"k{i}.txt", b"  \n") for i in range(3)],
         }[kind]
-        _shard(shard, sorted(members))
+        write_shard(shard, sorted(members))
     done = train(tmp_path / "run", "--data", str(shard), "--steps", "2")
     assert_one_line_error(done, "train", *words)
 
@@ -224,7 +216,7 @@ def _bad_shard(path: Path, n: int = 12, broken=(3, 7), blank=(5,)) -> str:
         image = b"broken" if i in broken else _png(i)
         caption = b" \t " if i in blank else f"picture {i}".encode()
         members += [(f"k{i:03d}.png", image), (f"k{i:03d}.txt", caption)]
-    return _shard(path, members)
+    return write_shard(path, members)
 
 
 def _kill_when(proc: subprocess.Popen, ready, what: str) -> None:
