@@ -64,6 +64,17 @@ def _override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def _vary(text: str) -> tuple[str, list]:
+    """``FIELD=V1,V2,...`` (``K=1,4,16,32``) with each value parsed as ``--set`` parses one."""
+    if "=" not in text or not text.split("=", 1)[1].strip():
+        raise argparse.ArgumentTypeError(f"--vary expects FIELD=V1,V2,..., got {text!r}")
+    key, raw = text.split("=", 1)
+    values = [_override(f"{key}={v}")[1] for v in raw.split(",") if v.strip()]
+    if len(set(map(repr, values))) != len(values):
+        raise argparse.ArgumentTypeError(f"--vary lists a value twice: {text!r}")
+    return key.strip(), values
+
+
 def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -242,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  llip train                       # " + MAIN_JOB + "\n"
         "  llip train --model llip-tiny --set K=16 --set tau=3 --steps 500\n"
         "  torchrun --nproc_per_node=2 -m llip train --data 'shards/{000..009}.tar'\n"
-        "  llip eval runs/llip-tiny\n  llip plot runs/llip-tiny\n  llip compare --steps 600",
+        "  llip eval runs/llip-tiny\n  llip plot runs/llip-tiny\n  llip compare --steps 400 --seeds 5\n"
+        "  llip compare --kinds llip --vary K=1,4,16,32 --seeds 3",
     )
     parser.add_argument("--version", action="version", version=f"llip {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -285,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--seeds", type=POSITIVE_INT, default=1, help="seeds per model: --seed, --seed + 1, ...")
     p.add_argument("--eval-images", type=POSITIVE_INT, default=500)
+    p.add_argument(
+        "--vary",
+        type=_vary,
+        default=None,
+        metavar="FIELD=V1,V2,...",
+        help="an ablation: train every kind at each value of a model config field (--kinds llip --vary K=1,4,16,32)",
+    )
     p.add_argument("--output", default="runs/compare")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--overwrite", action="store_true", help="replace runs already in --output")
@@ -361,6 +380,7 @@ def _run(args: argparse.Namespace) -> int:
             seed=args.seed,
             seeds=args.seeds,
             eval_images=args.eval_images,
+            vary=args.vary,
             output=args.output,
             progress=args.progress,
             overwrite=args.overwrite,

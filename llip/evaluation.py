@@ -264,3 +264,21 @@ def retrieval_metrics_sweep(
             for tau, counter in counters.items():
                 counter.add(_scores_of_encoded(model, enc, q, y, backend, tau).cpu(), s)  # [b, M]
     return {tau: counter.result(N) for tau, counter in counters.items()}
+
+
+def score_matrix(
+    model,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    batch_size: int = 256,
+    backend: str | None = None,
+    tau: float | None = None,
+) -> torch.Tensor:
+    """Every image against every caption: cosine scores ``[N, M]`` (float32, on the CPU) of ``images [N, 3, S, S]``
+    and ``tokens [M, L]``; for probes small enough to hold the whole matrix (a few thousand of each)."""
+    rows = []
+    with _eval_mode(model):
+        q, y = _encode_texts(model, tokens, batch_size)
+        for s in range(0, images.shape[0], batch_size):
+            rows.append(_scores(model, images[s : s + batch_size], q, y, backend, tau).cpu())
+    return torch.cat(rows)

@@ -111,10 +111,15 @@ def _describe(o: Obj, with_size: bool = True) -> str:
     return f"{'large' if o.large else 'small'} {o.colour} {o.shape}" if with_size else f"{o.colour} {o.shape}"
 
 
+def object_caption(o: Obj) -> str:
+    """The caption that describes one object alone ("a small red circle"): every scene has one per object."""
+    return f"a {_describe(o)}"
+
+
 def _captions(objects: list[Obj], rng: np.random.Generator) -> tuple[str, ...]:
     """Several captions, each about a different aspect: single objects, a spatial relation, the count,
     the set of colours."""
-    caps = [f"a {_describe(o)}" for o in objects]
+    caps = [object_caption(o) for o in objects]
     # A spatial relation between two objects that the words tell apart (never "a red circle left of a red circle").
     pairs = [
         (a, b) for ia, a in enumerate(objects) for b in objects[ia + 1 :] if (a.colour, a.shape) != (b.colour, b.shape)
