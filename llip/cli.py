@@ -75,6 +75,19 @@ def _vary(text: str) -> tuple[str, list]:
     return key.strip(), values
 
 
+def _report_to(text: str) -> set[str]:
+    """``--report-to tensorboard,wandb`` -> the set of names; ``none`` alone for none."""
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    if names == {"none"}:
+        return set()
+    unknown = names - {"tensorboard", "wandb"}
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of tensorboard, wandb (or none), got {text!r}"
+        )
+    return names
+
+
 def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -127,12 +140,36 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     )
     g.add_argument("--weight-decay", type=NONNEGATIVE_FLOAT, default=defaults.weight_decay, help="AdamW decay (0.2)")
     g.add_argument("--grad-clip", type=POSITIVE_FLOAT, default=None, metavar="NORM", help="clip the gradient norm")
+    g.add_argument(
+        "--accum-freq",
+        type=POSITIVE_INT,
+        default=defaults.accum_freq,
+        metavar="N",
+        help="run each rank's batch in N micro-batches with cached features: the loss still sees the whole batch and "
+        "the gradients are those of one batch (memory of a micro-batch, about 1.3x the compute)",
+    )
+    g.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT); the Llip head trains")
+    g.add_argument("--lock-text", action="store_true", help="freeze the text tower; the Llip head trains")
+    g.add_argument(
+        "--lock-image-unlocked-layers",
+        type=COUNT,
+        default=defaults.lock_image_unlocked_layers,
+        metavar="N",
+        help="with --lock-image: keep the last N transformer blocks (and the final norm) training",
+    )
+    g.add_argument(
+        "--lock-text-unlocked-layers",
+        type=COUNT,
+        default=defaults.lock_text_unlocked_layers,
+        metavar="N",
+        help="with --lock-text: keep the last N transformer blocks (and the final norm) training",
+    )
     g = p.add_argument_group("execution")
     g.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16"),
+        choices=("auto", "fp32", "bf16", "fp16"),
         default=defaults.precision,
-        help="auto: bf16 autocast on CUDA, fp32 on CPU",
+        help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16: float16 autocast with a gradient scaler",
     )
     g.add_argument("--backend", default=None, choices=BACKENDS, help="llip_kernels backend (default: automatic)")
     g.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1 ...")
@@ -165,6 +202,14 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     )
     _add_val_args(p.add_argument_group("validation on your data (every --eval-every steps and at the end)"), defaults)
     g.add_argument("--log-every", type=POSITIVE_INT, default=defaults.log_every, help="samples/s measurement period")
+    g.add_argument(
+        "--report-to",
+        type=_report_to,
+        default=None,
+        metavar="LIST",
+        help="where metrics go besides metrics.jsonl: tensorboard (default), wandb, both (tensorboard,wandb) or none",
+    )
+    g.add_argument("--wandb-project", default=defaults.wandb_project, help="wandb project (default %(default)s)")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="JSONL metrics only")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--hang-after", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
@@ -241,6 +286,9 @@ def _config_from(args: argparse.Namespace) -> TrainConfig:
     fields = {f for f in TrainConfig.__dataclass_fields__}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["overrides"] = dict(args.overrides)
+    if args.report_to is not None:  # --no-tensorboard still turns TensorBoard off
+        values["tensorboard"] = args.tensorboard and "tensorboard" in args.report_to
+        values["wandb"] = "wandb" in args.report_to
     values["output"] = args.output or f"runs/{args.model}"
     return TrainConfig(**values)
 

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import baselines, functional
+from . import baselines, functional, pooled
 from ._validate import autocast_inputs, check_llip_inputs, check_pooled_inputs
 
 MODES = ("all_gather", "ring")
@@ -143,18 +143,28 @@ def llip_softmax_loss_distributed(
     return (rows + cols) * (0.5 * W / N)
 
 
-def sigmoid_loss_distributed(img: torch.Tensor, txt: torch.Tensor, logit_scale, logit_bias, *, group=None):
+def sigmoid_loss_distributed(
+    img: torch.Tensor, txt: torch.Tensor, logit_scale, logit_bias, *, group=None, block: int | None = None
+):
     """Pooled SigLIP over the global batch (the baseline): this rank's ``img: [B, D]`` against every rank's
-    ``txt: [B, D]``, texts gathered with summed gradients, normalised as the module docstring says."""
+    ``txt: [B, D]``, texts gathered with summed gradients, normalised as the module docstring says. ``block``:
+    score that many image rows at a time (:func:`llip_kernels.pooled.fused_sigmoid_loss`) instead of holding the
+    ``[B, N]`` logits."""
+
+    def local(txt_all, pos_offset=0):
+        if block is None:
+            return baselines.sigmoid_loss(img, txt_all, logit_scale, logit_bias, pos_offset=pos_offset)
+        return pooled.fused_sigmoid_loss(img, txt_all, logit_scale, logit_bias, pos_offset=pos_offset, block=block)
+
     world = _world(group)
     if world is None:
-        return baselines.sigmoid_loss(img, txt, logit_scale, logit_bias)
+        return local(txt)
     check_pooled_inputs(img, txt, square=True)
     W, rank = world
     sizes = _all_sizes(img.shape[0], img.device, group)
     N = sum(sizes)
     txt_all = _AllGather.apply(txt, sizes, group)
-    loss = baselines.sigmoid_loss(img, txt_all, logit_scale, logit_bias, pos_offset=sum(sizes[:rank]))
+    loss = local(txt_all, pos_offset=sum(sizes[:rank]))
     return loss * (img.shape[0] * W / N) if img.shape[0] * W != N else loss
 
 

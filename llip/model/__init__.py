@@ -8,10 +8,11 @@ import os
 import torch
 
 from ..configs import ModelConfig, get_config, list_models
+from .head import LlipHead, MixtureTokens
 from .model import MAX_LOGIT_SCALE, LlipModel
 from .pretrained import load_open_clip
 
-__all__ = ["MAX_LOGIT_SCALE", "LlipModel", "ModelConfig", "create_model", "list_models"]
+__all__ = ["MAX_LOGIT_SCALE", "LlipHead", "LlipModel", "MixtureTokens", "ModelConfig", "create_model", "list_models"]
 
 
 def create_model(

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..configs import ModelConfig
+from .head import project_query, project_tokens
 from .towers import TextTower, VisionTower
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -107,14 +108,7 @@ class LlipModel(nn.Module):
         h = self.visual(images)  # [B, K, W]
         c = self.config
         if self.kind == "llip":
-            B = h.shape[0]
-            k = self.k_norm(torch.einsum("bkw,kwd->bkd", h, self.k_proj.to(h.dtype)))  # [B, K, D]
-            v = self.v_norm(torch.einsum("bkw,kwd->bkd", h, self.v_proj.to(h.dtype)))  # [B, K, D]
-            d = c.D // c.H
-            # head h owns columns h*d:(h+1)*d of D, matching concat_h in the mixer
-            k = k.view(B, c.K, c.H, d).transpose(1, 2)  # [B, H, K, d]
-            v = v.view(B, c.K, c.H, d).transpose(1, 2).to(k.dtype)  # [B, H, K, d]
-            return k, v
+            return project_tokens(h, self.k_proj, self.v_proj, self.k_norm, self.v_norm, c.H)  # each [B, H, K, d]
         if self.kind == "avg":  # mean_k(h_k @ P_k), as the official baseline (not (mean_k h_k) @ P)
             return torch.einsum("bkw,kwd->bkd", h, self.image_projection.to(h.dtype)).mean(dim=1)  # [B, D]
         pooled = h[:, 0]  # [B, W]: siglip / clip (the class token or the attention pool), register (token 0 of K)
@@ -131,8 +125,7 @@ class LlipModel(nn.Module):
             y = y + self.text_projection_bias.to(g.dtype)
         if self.kind != "llip":
             return y
-        q = self.q_norm(g @ self.q_proj.to(g.dtype))  # [B, D]
-        return q.view(q.shape[0], self.config.H, -1), y
+        return project_query(g, self.q_proj, self.q_norm, self.config.H), y  # [B, H, d], [B, D]
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
         """Everything :meth:`loss` needs; see the module docstring for the keys and shapes."""
@@ -222,10 +215,45 @@ class LlipModel(nn.Module):
         optimizer step): the multiplier t stays in [1, 100]."""
         self.logit_scale.clamp_(min=0.0, max=MAX_LOGIT_SCALE)
 
+    def lock_image_tower(self, unlocked_layers: int = 0) -> list[str]:
+        """Freeze the image tower (LiT, Zhai et al. 2022): the patch embedding, positions, blocks and final norm,
+        and for the pooled kinds their class token and image projection. Llip's own parts keep training: the K
+        mixture tokens (new when the tower comes from a CLIP checkpoint) and the head. ``unlocked_layers``: the last
+        N blocks and the final norm keep training. Returns the frozen parameters' names."""
+        keep = ["visual.ln_post.", "visual.pool."] if unlocked_layers else []
+        keep += [f"visual.transformer.blocks.{i}." for i in _last(len(self.visual.transformer.blocks), unlocked_layers)]
+        if self.kind == "llip":
+            keep.append("visual.tokens")
+        frozen = ["visual."] + (["image_projection"] if self.kind != "llip" else [])
+        return self._freeze(frozen, keep)
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> list[str]:
+        """Freeze the text tower: embeddings, blocks, final norm and the text projection; Llip's query projection
+        keeps training. ``unlocked_layers``: the last N blocks and the final norm keep training. Returns the frozen
+        parameters' names."""
+        keep = ["text.ln_final."] if unlocked_layers else []
+        keep += [f"text.transformer.blocks.{i}." for i in _last(len(self.text.transformer.blocks), unlocked_layers)]
+        return self._freeze(["text.", "text_projection"], keep)
+
+    def _freeze(self, prefixes: list[str], keep: list[str]) -> list[str]:
+        frozen = []
+        for name, p in self.named_parameters():
+            if any(name.startswith(x) for x in prefixes) and not any(name.startswith(x) for x in keep):
+                p.requires_grad_(False)
+                frozen.append(name)
+        return frozen
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each transformer block in the backward pass (both towers) to save activation memory."""
         self.visual.transformer.grad_checkpointing = bool(enable)
         self.text.transformer.grad_checkpointing = bool(enable)
+
+
+def _last(n: int, count: int) -> range:
+    """Indices of the last ``count`` of ``n`` blocks (a count above n is refused)."""
+    if not 0 <= count <= n:
+        raise ValueError(f"unlocked_layers must be between 0 and the tower's {n} blocks, got {count}")
+    return range(n - count, n)
 
 
 def _distributed() -> bool:

@@ -29,13 +29,14 @@ import torch.distributed as dist
 from ..data.skips import describe
 from ..errors import DataError, UsageError
 from ..eval_tasks import check_val_options, make_val_evaluator
+from .accumulate import accumulated_backward
 from .checkpoint import (
     remove_stale_temp_files,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from .metrics import MetricsLog
+from .metrics import MetricsLog, wandb_available
 from .placement import Ranks, check_backend, pick_device, setup_distributed
 from .resume import load_resume_state, resume_changes
 from .run_folder import check_writable, claim
@@ -59,7 +60,7 @@ class TrainConfig:
     lr: float | None = None  # peak lr (default: the model config's)
     warmup: int | None = None  # linear warm-up steps (default: WARMUP_FRACTION of the run, at most WARMUP_MAX)
     weight_decay: float = 0.2
-    precision: str = "auto"  # fp32 | bf16 | auto (bf16 on CUDA, fp32 on CPU)
+    precision: str = "auto"  # fp32 | bf16 | fp16 (with a gradient scaler) | auto (bf16 on CUDA, fp32 on CPU)
     backend: str | None = None  # llip_kernels backend for the loss and evaluation
     output: str = "runs/llip-tiny"
     resume: str | None = None  # a checkpoint, a folder of them, or "auto" (newest in output/checkpoints)
@@ -76,11 +77,18 @@ class TrainConfig:
     seed: int = 0
     workers: int = 1
     grad_clip: float | None = None
+    accum_freq: int = 1  # micro-batches per step, features cached so the loss sees the whole batch (accumulate.py)
+    lock_image: bool = False  # freeze the image tower (LiT-style); the Llip mixture tokens and head keep training
+    lock_text: bool = False  # freeze the text tower
+    lock_image_unlocked_layers: int = 0  # with lock_image: the last N vision blocks (and ln_post) keep training
+    lock_text_unlocked_layers: int = 0  # with lock_text: the last N text blocks (and ln_final) keep training
     grad_checkpointing: bool = False
     compile: bool = False
     device: str = "auto"
     log_every: int = 10
     tensorboard: bool = True
+    wandb: bool = False  # also log to Weights & Biases (needs the wandb package; WANDB_MODE=offline works)
+    wandb_project: str = "llip"
     progress: bool = True
     pretrained: str | None = None  # an open_clip ViT CLIP checkpoint the towers start from (llip/model/pretrained.py)
     builtin_length: int = 100_000
@@ -186,7 +194,7 @@ class _Run:
     cfg: TrainConfig
     device: str
     dd: Ranks
-    precision: str  # "fp32" or "bf16"
+    precision: str  # "fp32", "bf16" or "fp16"
     autocast: contextlib.AbstractContextManager
     out_dir: Path
     ckpt_dir: Path
@@ -217,8 +225,9 @@ def _setup_run(cfg: TrainConfig) -> _Run:
 
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
-    if precision not in ("fp32", "bf16"):
-        raise UsageError(f"--precision must be fp32, bf16 or auto, got {cfg.precision!r}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UsageError(f"--precision must be fp32, bf16, fp16 or auto, got {cfg.precision!r}")
+    _check_step_options(cfg)
     kind = data_kind(cfg.data)
     check_val_options(cfg)  # --val-data / --val-zeroshot readable, before anything is written
     out_dir, ckpt_dir = Path(cfg.output), Path(cfg.output) / "checkpoints"
@@ -230,7 +239,7 @@ def _setup_run(cfg: TrainConfig) -> _Run:
     _claim_output(cfg, dd, out_dir, ckpt_dir)
 
     seed_everything(cfg.seed)  # before the model: its initial weights depend on it
-    model, optimizer, scaler, lr = _build_model(cfg, device, pretrained)
+    model, optimizer, scaler, lr = _build_model(cfg, device, pretrained, precision)
     check_backend(cfg.backend, model, device, precision)
     # Built-in scenes are drawn at the model's size and carry their own variety: no random crop (it would
     # also cut objects out and falsify captions); real data gets the training augmentation.
@@ -253,9 +262,8 @@ def _setup_run(cfg: TrainConfig) -> _Run:
         set_rng_state(state["rng"])  # last, after everything that might draw random numbers
 
     net = _wrap_model(model, cfg, dd, device)
-    autocast = (
-        torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    )
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.split(":")[0], dtype=half) if half is not None else contextlib.nullcontext()
     return _Run(
         cfg=cfg, device=device, dd=dd, precision=precision, autocast=autocast, out_dir=out_dir, ckpt_dir=ckpt_dir,
         model=model, net=net, lr=lr, optimizer=optimizer, scaler=scaler, scheduler=scheduler, tokenizer=tokenizer,
@@ -281,6 +289,20 @@ def _claim_output(cfg: TrainConfig, dd: Ranks, out_dir: Path, ckpt_dir: Path) ->
             f"llip train: removed {stale} temporary file(s) left by interrupted checkpoint writes in {ckpt_dir}",
             file=sys.stderr,
         )
+
+
+def _check_step_options(cfg: TrainConfig) -> None:
+    """Step options that cannot work together, refused before anything is written."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_batch = cfg.batch_size // max(world, 1)
+    if cfg.accum_freq > local_batch:
+        raise UsageError(f"--accum-freq {cfg.accum_freq} is more than the {local_batch} samples each rank gets per "
+                         "step (--batch-size / ranks); lower it or raise --batch-size")  # fmt: skip
+    if cfg.wandb and not wandb_available():
+        raise UsageError("--report-to wandb needs the wandb package: pip install wandb (or pip install 'llip[wandb]')")
+    for tower in ("image", "text"):
+        if getattr(cfg, f"lock_{tower}_unlocked_layers") and not getattr(cfg, f"lock_{tower}"):
+            raise UsageError(f"--lock-{tower}-unlocked-layers applies to --lock-{tower}; give --lock-{tower} too")
 
 
 def _warmup_steps(cfg: TrainConfig, steps: int) -> int:
@@ -311,20 +333,26 @@ def _read_pretrained(cfg: TrainConfig) -> dict | None:
 
 
 def _build_model(
-    cfg: TrainConfig, device: str, pretrained: dict | None = None
+    cfg: TrainConfig, device: str, pretrained: dict | None = None, precision: str = "fp32"
 ) -> tuple[LlipModel, torch.optim.Optimizer, torch.amp.GradScaler, float]:
-    """The model on ``device`` (its towers from ``pretrained``, open_clip tensors, if given), its AdamW optimiser
-    (the recipe's betas and eps), the (disabled) grad scaler and the peak learning rate."""
+    """The model on ``device`` (its towers from ``pretrained``, open_clip tensors, if given; locked towers frozen),
+    its AdamW optimiser over the trainable parameters (the recipe's betas and eps), the grad scaler (enabled for
+    fp16 only) and the peak learning rate."""
     import llip
 
     model = llip.create_model(cfg.model, pretrained=pretrained, **cfg.overrides).to(device)
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_layers=cfg.lock_image_unlocked_layers)
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     lr = cfg.lr if cfg.lr is not None else model.config.lr
     optimizer = torch.optim.AdamW(
         model.param_groups(cfg.weight_decay), lr=lr, betas=(0.9, 0.95), eps=1e-6, weight_decay=cfg.weight_decay
     )
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=False)  # bf16 needs no loss scaling
+    # fp16 gradients underflow without loss scaling; bf16 has float32's exponent range and needs none
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
     return model, optimizer, scaler, lr
 
 
@@ -366,7 +394,11 @@ def _open_log(run: _Run) -> MetricsLog | None:
     if not run.dd.main:
         return None
     resume_step = run.start_step if run.cfg.resume is not None else None
-    log = MetricsLog(run.out_dir, tensorboard=run.cfg.tensorboard, resume_step=resume_step)
+    wandb = None
+    if run.cfg.wandb:
+        config = {"train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config)}
+        wandb = {"project": run.cfg.wandb_project, "config": config}
+    log = MetricsLog(run.out_dir, tensorboard=run.cfg.tensorboard, resume_step=resume_step, wandb=wandb)
     _write_run_config(run)
     return log
 
@@ -521,7 +553,14 @@ def _train_step(run: _Run, batch: dict, step: int) -> _StepDone:
     images = batch["images"].to(run.device, non_blocking=True)
     tokens = batch["tokens"].to(run.device, non_blocking=True)
     t0 = time.perf_counter()
-    loss, out = compute_loss(run.net, model, images, tokens, backend=cfg.backend, autocast=run.autocast)
+    optimizer.zero_grad(set_to_none=True)
+    if cfg.accum_freq > 1:  # backward inside: only gradients are written before the finite check below
+        loss, out = accumulated_backward(
+            run.net, model, images, tokens, accum=cfg.accum_freq, backend=cfg.backend, autocast=run.autocast,
+            backward=lambda x: scaler.scale(x).backward(),
+        )  # fmt: skip
+    else:
+        loss, out = compute_loss(run.net, model, images, tokens, backend=cfg.backend, autocast=run.autocast)
     # Every rank must agree to stop, or the others would hang in the next collective; the same reduction sums the
     # samples each rank skipped for this batch.
     skipped_here = torch.tensor(float(batch["skipped"]), dtype=torch.float64, device=loss.device)
@@ -534,8 +573,8 @@ def _train_step(run: _Run, batch: dict, step: int) -> _StepDone:
             f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint is kept in "
             f"{run.ckpt_dir} (resume with --resume auto, perhaps with a lower --lr or --grad-clip)."
         )
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    if cfg.accum_freq == 1:
+        scaler.scale(loss).backward()
     grad_norm = None
     if cfg.grad_clip:
         scaler.unscale_(optimizer)

@@ -74,7 +74,7 @@ def check_backend(backend: str | None, model: LlipModel, device: str, precision:
     if backend not in dispatch.BACKEND_MODULES:
         raise UsageError(f"--backend {backend!r}: choose one of {', '.join(sorted(dispatch.BACKEND_MODULES))}")
     c = model.config
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     op = Op.SIGMOID_LOSS if c.loss == "sigmoid" else Op.SOFTMAX_LOSS
     problem = LlipProblem(op, 2, 2, c.H, c.K, c.D // c.H, dtype, torch.device(device), c.tau, True)
     why = dispatch.reasons_for(backend, problem)

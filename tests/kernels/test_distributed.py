@@ -19,6 +19,7 @@ import torch
 
 import llip_kernels as lk
 from llip_kernels import distributed as lkd
+from llip_kernels.open_clip import ClipLoss, SigLipLoss
 from llip_kernels.testing import check_same_result, make_llip_inputs
 
 WORLD = 3
@@ -33,7 +34,16 @@ LLIP_CASES = {
     "softmax-torch": ((3, 3, 3), "softmax", "torch"),
     "softmax-reference-unequal": ((2, 4, 1), "softmax", "reference"),
 }
-POOLED_CASES = {"sigmoid": (3, 3, 3), "softmax": (3, 3, 3), "softmax-unequal": (2, 5, 1), "sigmoid-unequal": (5, 2, 3)}
+POOLED_CASES = {
+    "sigmoid": (3, 3, 3),
+    "softmax": (3, 3, 3),
+    "softmax-unequal": (2, 5, 1),
+    "sigmoid-unequal": (5, 2, 3),
+    "sigmoid-blocked-unequal": (5, 2, 3),
+    "sigmoid-open_clip": (3, 3, 3),
+    "softmax-open_clip": (3, 3, 3),
+}
+# blocked: llip_kernels.pooled scoring 2 image rows at a time; open_clip: the drop-in modules of llip_kernels.open_clip
 H, K, d = 2, 5, 4
 PARAMS = ("w_out", "t", "b")
 ACTIVATIONS = ("k", "v", "q", "y")
@@ -69,12 +79,20 @@ def _run_llip(x, sizes, rank, mode, backend):
 def _run_pooled(x, sizes, rank, kind):
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
     img, txt = (x[n][lo:hi].detach().clone().requires_grad_() for n in ("img", "txt"))
-    if kind.startswith("sigmoid"):
-        loss = lkd.sigmoid_loss_distributed(img, txt, x["t"], x["b"])
-        named = dict(img=img, txt=txt, t=x["t"], b=x["b"])
+    W = len(sizes)
+    if kind == "sigmoid-open_clip":
+        loss = SigLipLoss(rank=rank, world_size=W, block=2)(image_features=img, text_features=txt,
+                                                            logit_scale=x["t"], logit_bias=x["b"])  # fmt: skip
+    elif kind == "softmax-open_clip":
+        clip = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=W)
+        loss = clip(image_features=img, text_features=txt, logit_scale=x["t"], output_dict=True)["contrastive_loss"]
+    elif kind.startswith("sigmoid"):
+        block = 2 if "blocked" in kind else None
+        loss = lkd.sigmoid_loss_distributed(img, txt, x["t"], x["b"], block=block)
     else:
         loss = lkd.softmax_loss_distributed(img, txt, x["t"])
-        named = dict(img=img, txt=txt, t=x["t"])
+    names = ("img", "txt", "t", "b") if kind.startswith("sigmoid") else ("img", "txt", "t")
+    named = {n: v for n, v in dict(img=img, txt=txt, t=x["t"], b=x["b"]).items() if n in names}
     return loss.detach(), dict(zip(named, torch.autograd.grad(loss, list(named.values()))))
 
 

@@ -18,7 +18,7 @@ PACKAGE = Path(llip_kernels.__file__).resolve().parent
 
 BOTTOM = {"algebra", "settings", "_validate", "_build", "_custom_ops"}
 DISPATCH = {"dispatch"}
-PUBLIC = {"__init__", "functional", "baselines", "nn", "distributed"}
+PUBLIC = {"__init__", "functional", "baselines", "nn", "distributed", "pooled", "open_clip"}
 TEST_HELPERS = {"testing"}  # above the public API: it drives ops through it
 LAYER_NAMES = ("bottom", "backends", "dispatch", "public", "testing")
 

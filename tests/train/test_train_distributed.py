@@ -32,11 +32,15 @@ MINI = dict(
 BATCH = 12  # global; 6 per rank
 
 
-def _step(model_name: str, rank: int, world: int, out: Path, dtype: torch.dtype = torch.float32) -> None:
-    """One forward + backward of the trainer's own code path; saves the loss and the (DDP-averaged) grads. In
-    float64 the loss runs on the torch backend, which keeps float64 (the fused kernels compute in float32)."""
+def _step(
+    model_name: str, rank: int, world: int, out: Path, dtype: torch.dtype = torch.float32, accum: int = 1
+) -> None:
+    """One forward + backward of the trainer's own code path (``accum`` > 1: in that many micro-batches with cached
+    features, llip/train/accumulate.py); saves the loss and the (DDP-averaged) grads. In float64 the loss runs on
+    the torch backend, which keeps float64 (the fused kernels compute in float32)."""
     import llip
     from llip.data import build_train_loader
+    from llip.train.accumulate import accumulated_backward
     from llip.train.loop import compute_loss, seed_everything
 
     seed_everything(0)
@@ -49,8 +53,11 @@ def _step(model_name: str, rank: int, world: int, out: Path, dtype: torch.dtype 
     batch = next(data.batches)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     backend = "torch" if dtype == torch.float64 else None
-    loss, _ = compute_loss(net, model, batch["images"].to(dtype), batch["tokens"], backend=backend)
-    loss.backward()
+    if accum > 1:
+        loss, _ = accumulated_backward(net, model, batch["images"].to(dtype), batch["tokens"], accum=accum)
+    else:
+        loss, _ = compute_loss(net, model, batch["images"].to(dtype), batch["tokens"], backend=backend)
+        loss.backward()
     report = loss.detach().clone()
     if world > 1:
         dist.all_reduce(report)
@@ -59,11 +66,11 @@ def _step(model_name: str, rank: int, world: int, out: Path, dtype: torch.dtype 
     torch.save({"loss": report.reshape(1), "grads": grads}, out / f"rank{rank}.pt")
 
 
-def _worker(rank: int, world: int, model_name: str, out: str) -> None:
+def _worker(rank: int, world: int, model_name: str, out: str, accum: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     try:
-        _step(model_name, rank, world, Path(out))
+        _step(model_name, rank, world, Path(out), accum=accum)
     finally:
         dist.destroy_process_group()
 
@@ -75,9 +82,11 @@ def _same_step(name: str, ddp: torch.Tensor, single: torch.Tensor, ref64: torch.
     check_rule(name, ddp, ref64, single, torch.float32, floor=floor)
 
 
-@pytest.mark.parametrize("model_name", ["llip-tiny", "siglip-tiny"])
-def test_two_process_step_matches_one_process(tmp_path, model_name):
-    mp.spawn(_worker, args=(2, model_name, str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("model_name, accum", [("llip-tiny", 1), ("siglip-tiny", 1), ("llip-tiny", 3)])
+def test_two_process_step_matches_one_process(tmp_path, model_name, accum):
+    """accum 3: each rank runs its 6 pairs as 3 micro-batches under DDP (no_sync but for the last) and still gets
+    the single process's gradients of the whole 12-pair batch."""
+    mp.spawn(_worker, args=(2, model_name, str(tmp_path), accum), nprocs=2, join=True)
     torch.set_num_threads(1)
     for run, dtype in (("single", torch.float32), ("single64", torch.float64)):
         (tmp_path / run).mkdir()
