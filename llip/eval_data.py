@@ -287,12 +287,10 @@ def _read_shard_pairs(source: str, transform: Callable, skips: SkipLog, *, max_s
     """One pass over the shards (bad samples skipped and counted by the stream), up to ``max_samples``."""
     from .data.webdata import WebDataset
 
-    stream = WebDataset(source, transform, shuffle_buffer=1)
+    stream = WebDataset(source, transform)
     stream.skips = skips  # count this reader's skips with the evaluation's
     images, captions = [], []
-    # _samples(0) is one epoch of the stream before its shuffle buffer; iterating the stream itself repeats epochs
-    # forever and could not tell where the data ends.
-    for image, caption in stream._samples(epoch=0):
+    for image, caption in stream.one_pass():
         if len(images) == max_samples:
             return images, captions, list(range(len(images))), True
         images.append(image)

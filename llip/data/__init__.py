@@ -57,11 +57,14 @@ def build_train_loader(
     start_step: int = 0,
     workers: int = 0,
     builtin_length: int = 100_000,
+    stream_places: dict | None = None,
 ) -> TrainData:
     """This rank's batches for steps ``start_step, start_step + 1, ...``: ``global_batch / world`` samples each.
 
     Map-style data (builtin, CSV) is indexed by step, so a resumed run sees exactly the batches it would have.
-    Tar shards are a stream: resuming replays (and discards) the first ``start_step`` batches of this rank.
+    Tar shards are a stream: ``stream_places`` (``{"workers": n, "places": {logical worker: (epoch, popped)}}``, what
+    the trainer saved for this rank) makes the workers read forward to those places without decoding; without it
+    (or with another number of workers), resuming replays and discards the first ``start_step`` batches of this rank.
     """
     if global_batch % world:
         raise UsageError(f"--batch-size {global_batch} must be divisible by the world size {world}")
@@ -82,11 +85,19 @@ def build_train_loader(
             dataset, batch_sampler=sampler, collate_fn=Collate(tokenizer, dataset), **loader_kw
         )
         return TrainData(iter(loader), description, len(dataset), dict(getattr(dataset, "dropped", {})))
-    stream = WebDataset(source, transform, seed=seed, rank=rank, world=world)
+    n_workers = max(workers, 1)
+    exact = bool(start_step) and stream_places is not None and stream_places.get("workers") == n_workers
+    resume = None
+    if exact:  # the loader starts with worker 0: rotate so that it plays the worker whose turn step start_step is
+        resume = {
+            "offset": start_step % n_workers,
+            "states": {int(w): tuple(p) for w, p in stream_places["places"].items()},
+        }
+    stream = WebDataset(source, transform, seed=seed, rank=rank, world=world, resume=resume)
     loader = torch.utils.data.DataLoader(
         BatchedWebDataset(stream, local, Collate(tokenizer, stream)), batch_size=None, **loader_kw
     )
     batches = iter(loader)
-    if start_step:
+    if start_step and not exact:
         batches = itertools.islice(batches, start_step, None)
     return TrainData(batches, f"{len(stream.urls)} tar shard(s) from {source}", None)

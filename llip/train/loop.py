@@ -213,6 +213,8 @@ class _Run:
     resumed: bool
     skipped: int  # samples skipped before start_step (all ranks; restored on resume)
     resume_changes: list[str]  # configuration fields that differ from the checkpoint's, "field: old -> new"
+    # tar shards: each loader worker's place in its stream after the batches consumed so far (llip/data/webdata.py)
+    stream_places: dict = field(default_factory=dict)
 
 
 def _setup_run(cfg: TrainConfig) -> _Run:
@@ -247,7 +249,7 @@ def _setup_run(cfg: TrainConfig) -> _Run:
     state = load_resume_state(cfg, ckpt_dir, model, optimizer, scaler)
     start_step = state["step"] if state is not None else 0
 
-    data = _build_data(cfg, model, transform, tokenizer, dd, start_step)
+    data = _build_data(cfg, model, transform, tokenizer, dd, start_step, _saved_places(state, dd))
     steps = total_steps(cfg, data.length)
     if start_step >= steps:
         raise UsageError(
@@ -356,9 +358,19 @@ def _build_model(
     return model, optimizer, scaler, lr
 
 
+def _saved_places(state: dict | None, dd: Ranks) -> dict | None:
+    """This rank's stream places saved in the checkpoint resumed from (None: not resuming, not tar shards, or saved
+    with another number of ranks; the stream is then replayed)."""
+    saved = (state or {}).get("stream")
+    if not saved or len(saved["ranks"]) != dd.world:
+        return None
+    return {"workers": saved["workers"], "places": saved["ranks"][dd.rank]}
+
+
 def _build_data(
-    cfg: TrainConfig, model: LlipModel, transform: Callable, tokenizer: Callable, dd: Ranks, start_step: int
-) -> TrainData:
+    cfg: TrainConfig, model: LlipModel, transform: Callable, tokenizer: Callable, dd: Ranks, start_step: int,
+    stream_places: dict | None = None,
+) -> TrainData:  # fmt: skip
     """This rank's share of the global batches, from ``start_step`` on (step ``s`` always gets the same samples)."""
     from llip.data import build_train_loader
 
@@ -374,6 +386,7 @@ def _build_data(
         start_step=start_step,
         workers=cfg.workers,
         builtin_length=cfg.builtin_length,
+        stream_places=stream_places,
     )
 
 
@@ -456,12 +469,20 @@ def _make_checkpointer(run: _Run) -> Callable[[int], Path | None]:
     save nothing and get None."""
 
     def checkpoint(step: int, skipped: int) -> Path | None:
+        stream = None
+        if run.kind == "wds":  # every rank's loader places: a collective, so every rank comes here
+            ranks = [dict(run.stream_places)]
+            if run.dd.world > 1:
+                ranks = [None] * run.dd.world
+                dist.all_gather_object(ranks, dict(run.stream_places))
+            stream = {"workers": max(run.cfg.workers, 1), "ranks": ranks}
         if not run.dd.main:
             return None
         return save_checkpoint(
             {
                 "step": step,
                 "skipped": skipped,
+                "stream": stream,
                 "model": run.model.state_dict(),
                 "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(),
@@ -542,6 +563,9 @@ def _next_batch(run: _Run, skips: _Skips) -> dict:
             ) from None
         skips.reasons.update(batch.get("skip_reasons", {}))
         if not batch.get("end"):
+            if "stream_place" in batch:
+                worker, *place = batch["stream_place"]
+                run.stream_places[int(worker)] = tuple(int(x) for x in place)
             return batch
 
 
