@@ -12,14 +12,10 @@ from pathlib import Path
 import pytest
 
 from llip.cli import _override, build_parser, main
+from tests.mini import MINI_ARGS as MINI
 
 REPO = Path(__file__).resolve().parents[2]
 LLIP = Path(sys.executable).parent / "llip"  # the console script installed with the package
-MINI = [
-    "--set", "patch_size=8", "--set", "vision_width=32", "--set", "vision_head_width=32", "--set", "vision_layers=1",
-    "--set", "text_width=32", "--set", "text_head_width=32", "--set", "text_layers=1", "--set", "context_length=16",
-    "--set", "K=4", "--set", "H=2", "--set", "D=32",
-]  # fmt: skip
 
 
 def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -17,13 +17,9 @@ from llip.cli import main
 from llip.errors import UsageError
 from llip.train.curves import DPI, PANEL_INCHES, PANELS_PER_ROW, build_figure, panels, plot_run, read_records
 from llip.train.metrics import MetricsLog
+from tests.mini import MINI_ARGS as MINI
 
 REPO = Path(__file__).resolve().parents[2]
-MINI = [
-    "--set", "patch_size=8", "--set", "vision_width=32", "--set", "vision_head_width=32", "--set", "vision_layers=1",
-    "--set", "text_width=32", "--set", "text_head_width=32", "--set", "text_layers=1", "--set", "context_length=16",
-    "--set", "K=4", "--set", "H=2", "--set", "D=32",
-]  # fmt: skip
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN_TITLES = ["training loss", "learning rate", "logit scale t"]
 

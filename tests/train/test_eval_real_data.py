@@ -32,15 +32,11 @@ from llip.evaluation import (
 from llip.train.checkpoint import save_checkpoint
 from llip.train.loop import TrainConfig
 from llip.train.resume import RESUME_FREE_FIELDS
+from tests.mini import MINI, MINI_ARGS
 from tests.shards import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 LLIP = Path(sys.executable).parent / "llip"
-SMALL = dict(
-    patch_size=8, vision_width=32, vision_head_width=32, vision_layers=1, text_width=32, text_head_width=32,
-    text_layers=1, context_length=16, K=4, H=2, D=32,
-)  # fmt: skip
-SET_SMALL = [arg for k, v in SMALL.items() for arg in ("--set", f"{k}={v}")]
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "dark_yellow": (150, 130, 20)}
 CORRUPT = b"\x89PNG\r\n\x1a\n not really a png"
 needs_script = pytest.mark.skipif(not LLIP.exists(), reason="the llip console script is not installed here")
@@ -85,11 +81,11 @@ def data(tmp_path_factory) -> dict[str, Path | str]:
 def _save_untrained(folder: Path, model_name: str, step: int = 1) -> Path:
     """An untrained model's checkpoint with the entries ``llip eval`` reads, as ``llip train`` writes them."""
     torch.manual_seed(0)
-    model = llip.create_model(model_name, **SMALL)
+    model = llip.create_model(model_name, **MINI)
     state = {
         "step": step,
         "model": model.state_dict(),
-        "config": dataclasses.asdict(TrainConfig(model=model_name, overrides=dict(SMALL))),
+        "config": dataclasses.asdict(TrainConfig(model=model_name, overrides=dict(MINI))),
         "model_config": dataclasses.asdict(model.config),
     }
     return save_checkpoint(state, folder / "checkpoints", step, keep=0)
@@ -225,7 +221,7 @@ def test_retrieval_on_held_out_pairs(data, run_dir, tmp_path, source):
 @needs_script
 def test_train_logs_val_metrics(data, tmp_path):
     out = tmp_path / "run"
-    done = _cli("train", *SET_SMALL, "--steps", "2", "--batch-size", "8", "--eval-images", "10", "--workers", "0",
+    done = _cli("train", *MINI_ARGS, "--steps", "2", "--batch-size", "8", "--eval-images", "10", "--workers", "0",
                 "--eval-every", "1", "--no-progress", "--no-tensorboard", "--output", str(out),
                 "--val-data", str(data["csv"]), "--val-zeroshot", str(data["zs"]),
                 "--val-templates", "simple")  # fmt: skip
@@ -253,7 +249,7 @@ def test_train_refuses_bad_val_paths_before_writing(data, tmp_path, capsys):
             "--val-classnames .*no such",
         ),
     ):
-        assert main(["train", *SET_SMALL, "--steps", "1", "--output", str(out), *extra]) == 2
+        assert main(["train", *MINI_ARGS, "--steps", "1", "--output", str(out), *extra]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("llip train: error: "), err
         assert re.search(message, err), err
@@ -266,7 +262,7 @@ def test_sweeps_match_the_single_tau_functions():
     """A sweep encodes each image batch once and scores it at every tau: each of its results must be what the
     single-tau function gives at that tau (batch 3 splits the 7 images unevenly)."""
     torch.manual_seed(0)
-    model = llip.create_model("llip-tiny", **SMALL).eval()
+    model = llip.create_model("llip-tiny", **MINI).eval()
     tok = llip.get_tokenizer(context_length=model.context_length)
     images = torch.randn(7, 3, 32, 32)
     clf = build_zero_shot_classifier(model, tok, ["red", "green", "blue"], ["a {} thing", "the {}"], batch_size=4)

@@ -15,11 +15,7 @@ from llip.train.checkpoint import load_checkpoint
 from llip.train.loop import TrainConfig, compute_loss, train
 from llip.train.metrics import read_metrics
 from llip_kernels.testing import check_same_result
-
-MINI = dict(
-    patch_size=8, vision_width=32, vision_head_width=32, vision_layers=1, text_width=32, text_head_width=32,
-    text_layers=1, context_length=16, K=4, H=2, D=32,
-)  # fmt: skip
+from tests.mini import MINI
 
 
 def _batch(model, B: int, seed: int = 0):

@@ -13,12 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.mini import MINI_ARGS as MINI
+
 REPO = Path(__file__).resolve().parents[2]
-MINI = [
-    "--set", "patch_size=8", "--set", "vision_width=32", "--set", "vision_head_width=32", "--set", "vision_layers=1",
-    "--set", "text_width=32", "--set", "text_head_width=32", "--set", "text_layers=1", "--set", "context_length=16",
-    "--set", "K=4", "--set", "H=2", "--set", "D=32",
-]  # fmt: skip
 STEPS = 8
 
 

@@ -19,14 +19,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.mini import MINI_ARGS as MINI
 from tests.shards import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
-MINI = [
-    "--set", "patch_size=8", "--set", "vision_width=32", "--set", "vision_head_width=32", "--set", "vision_layers=1",
-    "--set", "text_width=32", "--set", "text_head_width=32", "--set", "text_layers=1", "--set", "context_length=16",
-    "--set", "K=4", "--set", "H=2", "--set", "D=32",
-]  # fmt: skip
 QUIET = ["--workers", "0", "--no-progress", "--eval-images", "8", "--batch-size", "8", "--lr", "2e-3"]
 
 

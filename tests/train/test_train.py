@@ -16,12 +16,7 @@ from llip.train import loop
 from llip.train.loop import TrainConfig, TrainingDiverged, train
 from llip.train.metrics import read_metrics
 from llip.train.schedule import warmup_cosine
-
-# llip-tiny shrunk to one block per tower (the CLI equivalent is a row of --set KEY=VALUE): seconds per test.
-MINI = dict(
-    patch_size=8, vision_width=32, vision_head_width=32, vision_layers=1, text_width=32, text_head_width=32,
-    text_layers=1, context_length=16, K=4, H=2, D=32,
-)  # fmt: skip
+from tests.mini import MINI
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:

@@ -21,14 +21,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from llip_kernels.testing import check_rule
+from tests.mini import MINI
 
 pytest.importorskip("llip_kernels.distributed", reason="llip_kernels.distributed (global-batch losses) not present")
 
 REPO = Path(__file__).resolve().parents[2]
-MINI = dict(
-    patch_size=8, vision_width=32, vision_head_width=32, vision_layers=1, text_width=32, text_head_width=32,
-    text_layers=1, context_length=16, K=4, H=2, D=32,
-)  # fmt: skip
 BATCH = 12  # global; 6 per rank
 
 
