@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "e2e": ("e2e", "training-step time of Llip against SigLIP with identical towers -> JSON"),
     "report": ("report", "bench/results/REPORT.md from the saved result files"),
     "compare": ("compare", "regression guard between two result files (exit 1 on a slowdown)"),
+    "pooled": ("pooled", "pooled SigLIP / CLIP loss: the plain [B, B] path, the blocked one, Llip with K = 1"),
     "cpu-targets": ("cpu_targets", "the cpu backend's speed, memory and FLOP/s targets at the B/16 head"),
     "triton": ("triton_bench", "GPU: the triton backend at paper shapes -> JSON"),
     "cuda-check": ("cuda_check", "GPU: build and check the cuda backend, time it against the reference -> JSON"),

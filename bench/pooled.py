@@ -10,7 +10,7 @@ blocked path recomputes the products in backward (``8 * B^2 * D``), but the tabl
 row so the GFLOP/s compare like for like. Each time is the median of several calls in this process; the peak
 memory of each case is measured in a fresh process (bench/memory.py's method: peak RSS above the warm baseline).
 
-    python -m bench.pooled                  # B in 1024, 4096, 8192 at D = 512; writes bench/results/pooled_cpu.json
+    python -m bench pooled                  # B in 1024, 4096, 8192 at D = 512; writes bench/results/pooled_cpu.json
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _memory_here(loss: str, path: str, B: int, D: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="pooled SigLIP / CLIP loss: plain, blocked and the Llip K=1 route")
+    p = argparse.ArgumentParser(prog="python -m bench pooled", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[1024, 4096, 8192])
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--output", default=str(REPO / "bench" / "results" / "pooled_cpu.json"))
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "peak_mb": _memory_in_fresh_process(loss, path, B, args.dim) / 2**20}  # fmt: skip
             rows.append(row)
             print(f"{loss:8s} {path:8s} B={B:5d}  {ms:9.1f} ms  {row['gflops']:6.1f} GFLOP/s  {row['peak_mb']:8.1f} MB")
-    result = {"meta": run_metadata("cpu", "python -m bench.pooled " + " ".join(argv or [])), "rows": rows}
+    result = {"meta": run_metadata("cpu", "python -m bench pooled " + " ".join(argv or [])), "rows": rows}
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
     return result
