@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from llip.compare import compare
 from llip.errors import UsageError
@@ -63,3 +64,55 @@ def test_compare_over_seeds_then_resume_with_more(tmp_path, capsys):
         compare(**{**TINY_RUN, "steps": 3}, seeds=1, output=str(out), resume=True)
     with pytest.raises(UsageError, match="exclude each other"):
         compare(**TINY_RUN, output=str(out), resume=True, overwrite=True)
+
+
+def test_filtered_ranks_count_only_wrong_images_above():
+    from llip.compare.probe import filtered_ranks
+
+    scores = torch.tensor([[0.9, 0.5, 0.7, 0.1], [0.2, 0.3, 0.8, 0.8]])  # 2 captions x 4 images
+    owner = torch.tensor([1, 2])
+    right = torch.tensor([[False, True, True, False], [False, False, True, False]])
+    # caption 0 (image 1, 0.5): image 0 is wrong and above; image 2 is above but also right -> rank 2
+    # caption 1 (image 2, 0.8): image 3 ties it (ties go to the query) -> rank 1
+    assert filtered_ranks(scores, owner, right).tolist() == [2, 1]
+
+
+def test_probe_set_groups_scenes_by_their_object_captions():
+    import llip
+    from llip.compare.probe import probe_set
+    from llip.data import builtin
+
+    pset = probe_set(32, llip.image_transform(32, train=False), llip.get_tokenizer(32), n_images=40)
+    scenes = [builtin.make_scene("val", n) for n in range(40)]
+    for caption, owner, group, right in zip(pset["captions"], pset["caption_to_image"], pset["group"], pset["right"]):
+        scene = scenes[int(owner)]
+        assert caption in {builtin.object_caption(o) for o in scene.objects} and bool(right[owner])
+        assert group == ("single" if len(scene.objects) == 1 else "multi")
+        described = [caption in {builtin.object_caption(o) for o in s.objects} for s in scenes]
+        assert right.tolist() == described
+    assert {"multi", "single"} == set(pset["group"])
+
+
+def test_ablation_probe_and_tau_sweep_then_backfill(tmp_path):
+    out = tmp_path / "abl"
+    run = {**TINY_RUN, "kinds": ("llip",), "eval_images": 40}
+    compare(**run, vary=("K", [2, 8]), seeds=1, output=str(out))
+    saved = json.loads((out / "results.json").read_text())
+    assert sorted(saved["runs"]) == ["llip-tiny", "llip-tiny K=2"]  # K=8 is the config's own: the plain name
+    row = saved["runs"]["llip-tiny K=2"]["0"]
+    assert row["overrides"] == {"K": 2} and (out / "llip-tiny-K2" / "seed0" / "checkpoints").is_dir()
+    assert set(row["probe"]) == {"probe_multi_R@1", "probe_multi_mean_rank", "probe_single_R@1",
+                                 "probe_single_mean_rank", "probe_gap_R@1"}  # fmt: skip
+    assert sorted(map(float, row["zero_shot_tau"])) == [1.0, 3.0, 5.0, 8.0, 10.0]
+    report = (out / "results.md").read_text()
+    assert "## Ablation: K" in report and "## Caption-diversity probe" in report and "tau 10" in report
+    assert (out / "ablation_K.png").stat().st_size > 0 and (out / "zero_shot_tau.png").stat().st_size > 0
+    # a run from before the probe (no probe in results.json) gets it from its checkpoint when the study is resumed
+    probe = row["probe"]
+    del saved["runs"]["llip-tiny K=2"]["0"]["probe"]
+    (out / "results.json").write_text(json.dumps(saved))
+    compare(**run, vary=("K", [2]), seeds=1, output=str(out), resume=True)
+    again = json.loads((out / "results.json").read_text())["runs"]["llip-tiny K=2"]["0"]
+    assert again["probe"] == pytest.approx(probe, rel=1e-6)
+    with pytest.raises(UsageError, match="--vary nope: not a field of the llip-tiny config"):
+        compare(**run, vary=("nope", [1]), output=str(tmp_path / "x"))
