@@ -97,7 +97,9 @@ def markdown_report(summary: dict, runs: dict, size: str) -> str:
                   markdown_table(summary, PROBE_COLUMNS, probed, timing=False)]  # fmt: skip
     for field in varied_fields(runs):
         names = [name for _, name in _ablation_rows(summary, runs, field, size)]
-        parts += ["", f"## Ablation: {field}", "", markdown_table(summary, MAIN_COLUMNS + PROBE_COLUMNS[:1], names)]
+        columns = MAIN_COLUMNS + PROBE_COLUMNS[:1]
+        parts += ["", f"## Ablation: {field}", "", markdown_table(summary, columns, names), "",
+                  _paired_from_first(runs, names, columns)]  # fmt: skip
     swept = [n for n in summary if "zero_shot_tau" in summary[n]]
     if swept:
         taus = list(summary[swept[0]]["zero_shot_tau"])
@@ -109,6 +111,24 @@ def markdown_report(summary: dict, runs: dict, size: str) -> str:
             for task in sweep[taus[0]]:
                 parts.append(f"| {name} | {task} | " + " | ".join(_cell(sweep[t][task]) for t in taus) + " |")
     return "\n".join(parts)
+
+
+def _paired_from_first(runs: dict, names: list[str], columns) -> str:
+    """Each ablation row's paired difference (same seeds) from the first row, with its 95% interval."""
+    from ..stats import paired_difference
+
+    def per_seed(name: str, key: str) -> dict[int, float]:
+        scored = {int(s): {**r["eval"], **r.get("probe", {})} for s, r in runs[name].items()}
+        return {s: v[key] for s, v in scored.items() if key in v}
+
+    base = names[0]
+    head = "| model | " + " | ".join(label for _, label in columns) + " |"
+    lines = [f"Paired difference from {base} (same seeds), mean [95% interval]; * : the interval excludes 0", "",
+             head, "|" + "---|" * (len(columns) + 1)]  # fmt: skip
+    for name in names[1:]:
+        cells = [_difference(paired_difference(per_seed(name, key), per_seed(base, key))) for key, _ in columns]
+        lines.append(f"| {name} - {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _pyplot():
