@@ -97,7 +97,7 @@ def markdown_report(summary: dict, runs: dict, size: str) -> str:
                   markdown_table(summary, PROBE_COLUMNS, probed, timing=False)]  # fmt: skip
     for field in varied_fields(runs):
         names = [name for _, name in _ablation_rows(summary, runs, field, size)]
-        columns = MAIN_COLUMNS + PROBE_COLUMNS[:1]
+        columns = MAIN_COLUMNS + PROBE_COLUMNS[:2]
         parts += ["", f"## Ablation: {field}", "", markdown_table(summary, columns, names), "",
                   _paired_from_first(runs, names, columns)]  # fmt: skip
     swept = [n for n in summary if "zero_shot_tau" in summary[n]]
@@ -141,11 +141,11 @@ def _pyplot():
 
 
 ABLATION_METRICS = (
-    ("text_to_image_R@1", "T->I R@1"),
     ("image_to_text_R@1", "I->T R@1"),
+    ("text_to_image_R@5", "T->I R@5"),
     ("zero_shot_colour_top1", "ZS colour"),
     ("zero_shot_count_top1", "ZS count"),
-    ("probe_multi_R@1", "probe multi R@1"),
+    ("probe_multi_mean_rank", "probe multi mean rank (lower: better)"),
 )
 
 
@@ -171,7 +171,7 @@ def plot_ablation(runs: dict, summary: dict, field: str, size: str, path: Path) 
             ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.set_xlabel(field)
-        ax.set_title(f"{label} (%)")
+        ax.set_title(label if "rank" in key else f"{label} (%)")
         ax.legend(fontsize=8)
     fig.suptitle(f"Llip ablation over {field}: mean over seeds, 95% interval of the mean")
     fig.tight_layout()
