@@ -49,3 +49,21 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict | None:
     low, high = out["ci95"]
     out["significant"] = low > 0 or high < 0
     return out
+
+
+def linear_trend(xs: list[float], ys: list[float]) -> dict | None:
+    """Least-squares slope of ``ys`` on ``xs`` with its 95% interval (Student's t, ``n - 2`` degrees of freedom) and
+    whether the interval excludes 0: ``{"n", "slope", "ci95", "significant"}``; None with fewer than three points or
+    a single distinct x. Each (x, y) is one run, so seeds are the replicates."""
+    n = len(xs)
+    if n != len(ys):
+        raise ValueError(f"xs and ys differ in length ({n} vs {len(ys)})")
+    if n < 3 or len(set(xs)) < 2:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    half = t_quantile_975(n - 2) * math.sqrt(residual / (n - 2) / sxx)
+    low, high = slope - half, slope + half
+    return {"n": n, "slope": slope, "ci95": [low, high], "significant": low > 0 or high < 0}

@@ -3,6 +3,7 @@ from SigLIP with 95% intervals; bar charts, ablation curves and the zero-shot te
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def markdown_report(summary: dict, runs: dict, size: str) -> str:
         names = [name for _, name in _ablation_rows(summary, runs, field, size)]
         columns = MAIN_COLUMNS + PROBE_COLUMNS[:2]
         parts += ["", f"## Ablation: {field}", "", markdown_table(summary, columns, names), "",
-                  _paired_from_first(runs, names, columns)]  # fmt: skip
+                  _paired_from_first(runs, names, columns), "", _trend_row(runs, field, size, columns)]  # fmt: skip
     swept = [n for n in summary if "zero_shot_tau" in summary[n]]
     if swept:
         taus = list(summary[swept[0]]["zero_shot_tau"])
@@ -129,6 +130,35 @@ def _paired_from_first(runs: dict, names: list[str], columns) -> str:
         cells = [_difference(paired_difference(per_seed(name, key), per_seed(base, key))) for key, _ in columns]
         lines.append(f"| {name} - {base} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _trend_row(runs: dict, field: str, size: str, columns) -> str:
+    """The least-squares trend of each metric over the ablation's runs (every seed a point), per doubling of the
+    field where its values span a factor of 8 or more (K), else per unit (tau), with 95% intervals."""
+    from ..stats import linear_trend
+
+    rows = _ablation_rows({}, runs, field, size)
+    values = [v for v, _ in rows]
+    log = all(isinstance(v, (int, float)) and v > 0 for v in values) and max(values) / min(values) >= 8
+    unit = f"per doubling of {field}" if log else f"per unit of {field}"
+    cells = []
+    for key, _ in columns:
+        xs, ys = [], []
+        for value, name in rows:
+            for r in runs[name].values():
+                scored = {**r["eval"], **r.get("probe", {})}
+                if key in scored:
+                    xs.append(math.log2(value) if log else float(value))
+                    ys.append(scored[key])
+        trend = linear_trend(xs, ys)
+        if trend is None:
+            cells.append("n/a")
+        else:
+            low, high = trend["ci95"]
+            cells.append(f"{trend['slope']:+.2f} [{low:+.2f}, {high:+.2f}]" + ("*" if trend["significant"] else ""))
+    return "\n".join([f"Least-squares trend {unit} over every run (seeds as replicates), slope [95% interval]", "",
+                      "| | " + " | ".join(label for _, label in columns) + " |", "|" + "---|" * (len(columns) + 1),
+                      f"| {unit} | " + " | ".join(cells) + " |"])  # fmt: skip
 
 
 def _pyplot():

@@ -116,3 +116,14 @@ def test_ablation_probe_and_tau_sweep_then_backfill(tmp_path):
     assert again["probe"] == pytest.approx(probe, rel=1e-6)
     with pytest.raises(UsageError, match="--vary nope: not a field of the llip-tiny config"):
         compare(**run, vary=("nope", [1]), output=str(tmp_path / "x"))
+
+
+def test_linear_trend():
+    from llip.stats import linear_trend
+
+    exact = linear_trend([0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 5.0, 7.0])
+    assert exact["slope"] == pytest.approx(2.0) and exact["ci95"] == pytest.approx([2.0, 2.0]) and exact["significant"]
+    # slope 0.1 under noise of +-1: the interval (t_{0.975,4} = 2.776) straddles 0
+    noisy = linear_trend([0, 1, 2, 0, 1, 2], [0.0, 1.1, 0.2, 1.0, 0.1, 1.2])
+    assert noisy["n"] == 6 and not noisy["significant"] and noisy["ci95"][0] < noisy["slope"] < noisy["ci95"][1]
+    assert linear_trend([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None and linear_trend([1.0, 2.0], [1.0, 2.0]) is None
