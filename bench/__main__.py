@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report", "bench/results/REPORT.md from the saved result files"),
     "compare": ("compare", "regression guard between two result files (exit 1 on a slowdown)"),
     "pooled": ("pooled", "pooled SigLIP / CLIP loss: the plain [B, B] path, the blocked one, Llip with K = 1"),
+    "tar-reader": ("tar_reader", "our tar-shard reader against the webdataset library (needs webdataset installed)"),
     "cpu-targets": ("cpu_targets", "the cpu backend's speed, memory and FLOP/s targets at the B/16 head"),
     "triton": ("triton_bench", "GPU: the triton backend at paper shapes -> JSON"),
     "cuda-check": ("cuda_check", "GPU: build and check the cuda backend, time it against the reference -> JSON"),

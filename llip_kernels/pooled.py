@@ -72,20 +72,24 @@ def _check_block(block: int) -> int:
     return block
 
 
-def _signs(rows: range, Bt: int, pos_offset: int | None, like: torch.Tensor) -> torch.Tensor:
-    """SigLIP labels of image rows ``rows`` against ``Bt`` texts: ``[len(rows), Bt]``, +1 at ``j = i + pos_offset``,
-    else -1."""
-    signs = torch.full((len(rows), Bt), -1.0, dtype=like.dtype, device=like.device)
-    if pos_offset is not None:
-        i = torch.arange(rows.start, rows.stop, device=like.device)
-        j = i + pos_offset
-        inside = (j >= 0) & (j < Bt)
-        signs[(i - rows.start)[inside], j[inside]] = 1.0
-    return signs
+def _positives(rows: range, Bt: int, pos_offset: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row in block, column)`` of the positive pairs among image rows ``rows``: ``j = i + pos_offset`` where that
+    text exists (none for ``pos_offset=None``)."""
+    if pos_offset is None:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty
+    i = torch.arange(rows.start, rows.stop, device=device)
+    j = i + pos_offset
+    inside = (j >= 0) & (j < Bt)
+    return (i - rows.start)[inside], j[inside]
 
 
 class _BlockedSigmoid(torch.autograd.Function):
-    """``-(1/Bi) sum_ij log sigmoid(s_ij (t <i_i, x_j> + b))`` over normalised ``i [Bi, D]``, ``x [Bt, D]``."""
+    """``-(1/Bi) sum_ij log sigmoid(s_ij (t <i_i, x_j> + b))`` over normalised ``i [Bi, D]``, ``x [Bt, D]``.
+
+    Every pair is first scored as a negative, ``-log sigmoid(-z) = softplus(z)`` with gradient ``sigmoid(z)``; the
+    few positives are then corrected in place: ``softplus(-z) - softplus(z) = -z`` and ``-sigmoid(-z) =
+    sigmoid(z) - 1``. So no ``[block, Bt]`` label matrix is built and each block costs two elementwise passes."""
 
     @staticmethod
     def forward(ctx, i, x, t, b, pos_offset, block):
@@ -94,10 +98,11 @@ class _BlockedSigmoid(torch.autograd.Function):
         for s in range(0, Bi, block):
             rows = range(s, min(s + block, Bi))
             logits = t * (i[s : rows.stop] @ x.t()) + b  # [blk, Bt]
-            total += F.logsigmoid(_signs(rows, Bt, pos_offset, logits) * logits).sum(dtype=torch.float64)
+            r, c = _positives(rows, Bt, pos_offset, i.device)
+            total += F.softplus(logits).sum(dtype=torch.float64) - logits[r, c].sum(dtype=torch.float64)
         ctx.save_for_backward(i, x, t, b)
         ctx.pos_offset, ctx.block = pos_offset, block
-        return (-total / Bi).to(i.dtype)
+        return (total / Bi).to(i.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -109,9 +114,10 @@ class _BlockedSigmoid(torch.autograd.Function):
         for s in range(0, Bi, ctx.block):
             rows = range(s, min(s + ctx.block, Bi))
             cos = i[s : rows.stop] @ x.t()  # [blk, Bt]
-            signs = _signs(rows, Bt, ctx.pos_offset, cos)
-            # d/dlogit of -log sigmoid(s * logit) is -s * sigmoid(-s * logit)
-            g = -signs * torch.sigmoid(-signs * (t * cos + b)) * (grad / Bi)  # [blk, Bt]
+            g = torch.sigmoid(t * cos + b)  # d/dlogit of softplus(logit): every pair as a negative
+            r, c = _positives(rows, Bt, ctx.pos_offset, i.device)
+            g[r, c] -= 1.0  # the positives: sigmoid(z) - 1 = -sigmoid(-z)
+            g *= grad / Bi
             dt += (g * cos).sum(dtype=torch.float64)
             db += g.sum(dtype=torch.float64)
             g *= t  # d/dcos
