@@ -67,12 +67,17 @@ def markdown_table(summary: dict, columns=MAIN_COLUMNS, names=None, timing: bool
     return "\n".join(lines)
 
 
+def scored(row: dict) -> dict[str, float]:
+    """A run's evaluation and probe metrics, one dict (percent; the probe's mean ranks in places)."""
+    return {**row["eval"], **row.get("probe", {})}
+
+
 def varied_fields(runs: dict) -> list[str]:
     """The config fields some run of the study overrides (its ablations)."""
     return sorted({k for by_seed in runs.values() for row in by_seed.values() for k in row.get("overrides", {})})
 
 
-def _ablation_rows(summary: dict, runs: dict, field: str, size: str) -> list[tuple[object, str]]:
+def _ablation_rows(runs: dict, field: str) -> list[tuple[object, str]]:
     """``[(value, run name)]`` of the Llip runs that vary ``field``, sorted by value; the plain run stands for the
     config's own value."""
     import llip
@@ -87,7 +92,7 @@ def _ablation_rows(summary: dict, runs: dict, field: str, size: str) -> list[tup
     return sorted(rows, key=lambda r: r[0])
 
 
-def markdown_report(summary: dict, runs: dict, size: str) -> str:
+def markdown_report(summary: dict, runs: dict) -> str:
     """Every table of a study: the models (the main metrics), the caption-diversity probe, each ablation, and the
     zero-shot temperature sweep."""
     plain = [n for n in summary if " " not in n]
@@ -97,10 +102,10 @@ def markdown_report(summary: dict, runs: dict, size: str) -> str:
         parts += ["", "## Caption-diversity probe (llip/compare/probe.py)", "",
                   markdown_table(summary, PROBE_COLUMNS, probed, timing=False)]  # fmt: skip
     for field in varied_fields(runs):
-        names = [name for _, name in _ablation_rows(summary, runs, field, size)]
+        names = [name for _, name in _ablation_rows(runs, field)]
         columns = MAIN_COLUMNS + PROBE_COLUMNS[:2]
         parts += ["", f"## Ablation: {field}", "", markdown_table(summary, columns, names), "",
-                  _paired_from_first(runs, names, columns), "", _trend_row(runs, field, size, columns)]  # fmt: skip
+                  _paired_from_first(runs, names, columns), "", _trend_row(runs, field, columns)]  # fmt: skip
     swept = [n for n in summary if "zero_shot_tau" in summary[n]]
     if swept:
         taus = list(summary[swept[0]]["zero_shot_tau"])
@@ -119,8 +124,8 @@ def _paired_from_first(runs: dict, names: list[str], columns) -> str:
     from ..stats import paired_difference
 
     def per_seed(name: str, key: str) -> dict[int, float]:
-        scored = {int(s): {**r["eval"], **r.get("probe", {})} for s, r in runs[name].items()}
-        return {s: v[key] for s, v in scored.items() if key in v}
+        by_seed = {int(s): scored(r) for s, r in runs[name].items()}
+        return {s: v[key] for s, v in by_seed.items() if key in v}
 
     base = names[0]
     head = "| model | " + " | ".join(label for _, label in columns) + " |"
@@ -132,12 +137,12 @@ def _paired_from_first(runs: dict, names: list[str], columns) -> str:
     return "\n".join(lines)
 
 
-def _trend_row(runs: dict, field: str, size: str, columns) -> str:
+def _trend_row(runs: dict, field: str, columns) -> str:
     """The least-squares trend of each metric over the ablation's runs (every seed a point), per doubling of the
     field where its values span a factor of 8 or more (K), else per unit (tau), with 95% intervals."""
     from ..stats import linear_trend
 
-    rows = _ablation_rows({}, runs, field, size)
+    rows = _ablation_rows(runs, field)
     values = [v for v, _ in rows]
     log = all(isinstance(v, (int, float)) and v > 0 for v in values) and max(values) / min(values) >= 8
     unit = f"per doubling of {field}" if log else f"per unit of {field}"
@@ -146,10 +151,10 @@ def _trend_row(runs: dict, field: str, size: str, columns) -> str:
         xs, ys = [], []
         for value, name in rows:
             for r in runs[name].values():
-                scored = {**r["eval"], **r.get("probe", {})}
-                if key in scored:
+                metrics = scored(r)
+                if key in metrics:
                     xs.append(math.log2(value) if log else float(value))
-                    ys.append(scored[key])
+                    ys.append(metrics[key])
         trend = linear_trend(xs, ys)
         if trend is None:
             cells.append("n/a")
@@ -183,7 +188,7 @@ def plot_ablation(runs: dict, summary: dict, field: str, size: str, path: Path) 
     """One panel per metric: the mean over seeds against the value of ``field`` with the 95% interval of the mean
     as error bars; SigLIP's mean (dashed) where the study has it."""
     plt = _pyplot()
-    rows = _ablation_rows(summary, runs, field, size)
+    rows = _ablation_rows(runs, field)
     fig, axes = plt.subplots(1, len(ABLATION_METRICS), figsize=(4 * len(ABLATION_METRICS), 3.6))
     baseline = summary.get(f"{BASELINE}-{size}")
     for ax, (key, label) in zip(axes, ABLATION_METRICS):

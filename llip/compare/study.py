@@ -26,7 +26,7 @@ from ..errors import UsageError
 from ..stats import describe, paired_difference
 from ..train.loop import TrainConfig, train
 from ..train.metrics import read_metrics
-from .report import BASELINE, markdown_report, plot, plot_ablation, plot_tau_sweep, varied_fields
+from .report import BASELINE, markdown_report, plot, plot_ablation, plot_tau_sweep, scored, varied_fields
 
 
 def compare(
@@ -81,7 +81,7 @@ def compare(
             _write(out, setup, runs)
     summary = summarize(runs, size)
     _write(out, setup, runs, summary)
-    report = markdown_report(summary, runs, size)
+    report = markdown_report(summary, runs)
     (out / "results.md").write_text(report + "\n")
     print(report)
     plot(runs, summary, out / "compare.png")
@@ -180,33 +180,28 @@ def _run_row(result: dict, folder: Path) -> dict:
     }
 
 
-def _scored(row: dict) -> dict[str, float]:
-    """A run's evaluation metrics and probe metrics, in percent (mean ranks in places)."""
-    return {**row["eval"], **row.get("probe", {})}
-
-
 def summarize(runs: dict, size: str) -> dict:
     """Per model: its ``seeds``, and per metric (the eval and probe metrics, ``final_loss``, ``step_time_s``) the
     :func:`~llip.stats.describe` of its values over the seeds; ``chance`` per metric; per model other than the
     baseline, ``vs_siglip``: the paired difference of every eval and probe metric (None with fewer than two common
     seeds); for Llip runs, ``zero_shot_tau``: ``{tau: {task: describe}}``. Metrics that only some seeds have (the
     probe of a study that is being filled in) are summarised over the seeds that have them."""
-    baseline = {int(s): _scored(r) for s, r in runs.get(f"{BASELINE}-{size}", {}).items()}
+    baseline = {int(s): scored(r) for s, r in runs.get(f"{BASELINE}-{size}", {}).items()}
     summary = {}
     for name, by_seed in runs.items():
-        scored = {int(s): _scored(r) for s, r in by_seed.items()}
-        keys = list(dict.fromkeys(k for values in scored.values() for k in values))
-        metrics = {k: describe([v[k] for v in scored.values() if k in v]) for k in keys}
+        per_seed = {int(s): scored(r) for s, r in by_seed.items()}
+        keys = list(dict.fromkeys(k for values in per_seed.values() for k in values))
+        metrics = {k: describe([v[k] for v in per_seed.values() if k in v]) for k in keys}
         for key in ("final_loss", "step_time_s"):
             metrics[key] = describe([r[key] for r in by_seed.values()])
         chance = {}
         for r in by_seed.values():
             chance.update({**r["chance"], **r.get("probe_chance", {})})
-        entry = {"seeds": sorted(scored), "metrics": metrics, "chance": chance}
+        entry = {"seeds": sorted(per_seed), "metrics": metrics, "chance": chance}
         if baseline and name != f"{BASELINE}-{size}":
             entry["vs_" + BASELINE] = {
                 k: paired_difference(
-                    {s: v[k] for s, v in scored.items() if k in v}, {s: v[k] for s, v in baseline.items() if k in v}
+                    {s: v[k] for s, v in per_seed.items() if k in v}, {s: v[k] for s, v in baseline.items() if k in v}
                 )
                 for k in keys
             }
