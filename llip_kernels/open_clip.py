@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import baselines, distributed
-from .pooled import DEFAULT_BLOCK, fused_sigmoid_loss, fused_softmax_loss
+from .pooled import DEFAULT_BLOCK, check_block, fused_sigmoid_loss, fused_softmax_loss
 
 SIGLIP_DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")
 
@@ -51,12 +51,6 @@ def _check_world(rank: int, world_size: int, what: str) -> None:
         )
 
 
-def _check_block(block: int | None) -> int | None:
-    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
-        raise ValueError(f"block must be a positive int or None, got {block!r}")
-    return block
-
-
 class SigLipLoss(nn.Module):
     """open_clip's ``SigLipLoss(cache_labels, rank, world_size, dist_impl)``: ``-(1/B) sum log sigmoid(l (t cos + b))``
     over this rank's images against every rank's texts; ``block`` image rows are scored at a time."""
@@ -68,7 +62,7 @@ class SigLipLoss(nn.Module):
             raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
         self.cache_labels = cache_labels  # accepted for open_clip's signature; labels are never materialised here
         self.rank, self.world_size, self.dist_impl = rank, world_size, dist_impl
-        self.block = _check_block(block)
+        self.block = None if block is None else check_block(block)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
         _check_world(self.rank, self.world_size, "SigLipLoss")
@@ -105,7 +99,7 @@ class ClipLoss(nn.Module):
             )
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size = rank, world_size
-        self.block = _check_block(block)
+        self.block = None if block is None else check_block(block)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
         _check_world(self.rank, self.world_size, "ClipLoss")

@@ -45,7 +45,7 @@ def fused_sigmoid_loss(
         i, x = F.normalize(img.to(acc), dim=-1), F.normalize(txt.to(acc), dim=-1)
         if i.shape[0] == 0 or x.shape[0] == 0:
             return (i.sum() + x.sum()) * 0.0 + (t + b) * 0.0
-        return _BlockedSigmoid.apply(i, x, t.to(acc), b.to(acc), pos_offset, _check_block(block))
+        return _BlockedSigmoid.apply(i, x, t.to(acc), b.to(acc), pos_offset, check_block(block))
 
 
 def fused_softmax_loss(
@@ -59,14 +59,14 @@ def fused_softmax_loss(
         i, x = F.normalize(img.to(acc), dim=-1), F.normalize(txt.to(acc), dim=-1)
         if i.shape[0] == 0:
             return (i.sum() + x.sum()) * 0.0 + t * 0.0
-        return _BlockedSoftmax.apply(i, x, t.to(acc), _check_block(block))
+        return _BlockedSoftmax.apply(i, x, t.to(acc), check_block(block))
 
 
 def _accumulation_dtype(img: torch.Tensor, txt: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (img.dtype, txt.dtype) else torch.float32
 
 
-def _check_block(block: int) -> int:
+def check_block(block: int) -> int:
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int (image rows scored at once), got {block!r}")
     return block

@@ -194,11 +194,17 @@ class WebDataset(torch.utils.data.IterableDataset):
         """``(image, caption)`` of every readable sample of this consumer's shards once, in file order (no shuffle
         buffer): what an evaluation reads. Iterating the dataset itself repeats epochs forever."""
         for url, key, files in self._raw_samples(epoch):
-            sample = self._decode(key, files, epoch)
-            if isinstance(sample, str):
-                self.skips.skip(f"{url}:{key}", sample)
-            else:
+            sample = self._decoded(url, key, files, epoch)
+            if sample is not None:
                 yield sample
+
+    def _decoded(self, url: str, key: str, files: dict[str, bytes], epoch: int):
+        """``(image, caption)``, or None for a sample that is skipped (and counted, with its shard and key)."""
+        sample = self._decode(key, files, epoch)
+        if isinstance(sample, str):
+            self.skips.skip(f"{url}:{key}", sample)
+            return None
+        return sample
 
     def _popped(self, epoch: int) -> Iterator[tuple[str, str, dict[str, bytes]]]:
         """The raw samples of ``epoch`` in the order they leave the shuffle buffer."""
@@ -227,10 +233,8 @@ class WebDataset(torch.utils.data.IterableDataset):
             for popped, (url, key, files) in enumerate(self._popped(epoch), 1):
                 if popped <= skip:
                     continue  # before the resumed place: read, not decoded
-                sample = self._decode(key, files, epoch)
-                if isinstance(sample, str):
-                    self.skips.skip(f"{url}:{key}", sample)
-                else:
+                sample = self._decoded(url, key, files, epoch)
+                if sample is not None:
                     good += 1
                     yield (*sample, (epoch, popped))
             if good == 0 and skip == 0:
@@ -259,11 +263,11 @@ class BatchedWebDataset(torch.utils.data.IterableDataset):
         self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
 
     def __iter__(self):
+        wid, _ = self.dataset._consumer()  # this worker's logical id, fixed for the life of the iterator
         batch = []
         for image, caption, place in self.dataset:
             batch.append((image, caption))
             if len(batch) == self.batch_size:
-                wid, _ = self.dataset._consumer()
                 yield {**self.collate(batch), "stream_place": (wid, *place)}
                 batch = []
         yield {"end": True, **self.collate.skip_counts()}
