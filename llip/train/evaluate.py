@@ -63,17 +63,11 @@ def evaluate_checkpoint(path: str, *, eval_images: int = 500, backend: str | Non
     a checkpoint file, or a run folder (its newest checkpoint)."""
     import llip
 
-    from .checkpoint import find_resume, load_checkpoint
-    from .placement import check_backend, pick_device
+    from ..eval_command import load_model
+    from .checkpoint import find_resume
+    from .placement import pick_device
 
-    ckpt = find_resume(str(path), Path(path), what="llip eval")
-    state = load_checkpoint(ckpt)
-    device = pick_device(device)
-    cfg = state["config"]
-    model = llip.create_model(cfg["model"], **cfg.get("overrides", {}))
-    model.load_state_dict(state["model"])
-    model.to(device)
-    check_backend(backend, model, device)
+    model, _ = load_model(find_resume(str(path), Path(path), what="llip eval"), pick_device(device), backend)
     tokenizer = llip.tokenizer_for(model.config)
     evalset = builtin.eval_set(
         model.image_size, llip.image_transform(model.image_size, train=False), tokenizer, n_images=eval_images
