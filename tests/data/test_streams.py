@@ -18,6 +18,7 @@ from llip.data.builtin import make_scene, render
 from llip.errors import DataError
 from llip.train.loop import TrainConfig, train
 from llip.train.metrics import read_metrics
+from tests.mini import MINI
 from tests.shards import write_shard
 
 S = 16
@@ -106,8 +107,7 @@ def test_stream_sources_that_cannot_work_are_clear_errors(tmp_path):
 
 def test_trainer_resumes_tar_shards_from_saved_places(tmp_path):
     spec = _write_shards(tmp_path)
-    mini = dict(patch_size=8, image_size=S, vision_width=32, vision_head_width=32, vision_layers=1, text_width=32,
-                text_head_width=32, text_layers=1, context_length=16, K=4, H=2, D=32)  # fmt: skip
+    mini = {**MINI, "image_size": S}  # the shards hold 16 px images
 
     def cfg(name, **kw):
         return TrainConfig(overrides=mini, data=spec, steps=7, batch_size=4, warmup=1, workers=2, save_every=3, keep=0,
