@@ -175,6 +175,12 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard parameters, gradients and optimiser state across the ranks (FSDP) instead of "
+        "keeping a full copy on each (DDP); checkpoints become sharded step_*.dcp folders",
+    )
     g.add_argument("--seed", type=int, default=defaults.seed)
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, help="run folder (default runs/<model>)")

@@ -13,8 +13,9 @@ would change the loss (each micro-batch would only see its own negatives). Inste
 
 Outputs that are not per-sample (``logit_scale``, ``logit_bias``, ``w_out``: the same tensor in every pass) enter
 the loss directly; they are live in the last pass only, so their direct gradient is added once, not ``N`` times.
-The last pass is the one DDP synchronises (the others run under ``no_sync``), so every parameter has its gradient
-there, as DDP requires. The price: each micro-batch's towers run forward twice (about 1.3x the compute of a step).
+The last pass is the one DDP synchronises (the others run under ``no_sync``, or without FSDP's gradient sync under
+``--fsdp``), so every parameter has its gradient there, as DDP requires. The price: each micro-batch's towers run
+forward twice (about 1.3x the compute of a step).
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ def accumulated_backward(
     loss_value = None
     for j, (i, t) in enumerate(chunks):
         last = j == len(chunks) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
-        with sync:
+        with contextlib.nullcontext() if last else _no_sync(net):
             with region:
                 out = net(i, t)
                 merged = {key: torch.cat([out[key] if m == j else cached[m][key] for m in range(len(chunks))])
@@ -59,3 +59,13 @@ def accumulated_backward(
         if loss_value is None:
             loss_value = loss.detach()
     return loss_value, out
+
+
+def _no_sync(net) -> contextlib.AbstractContextManager:
+    """A region whose backward passes only accumulate gradients locally: DDP's ``no_sync``, its equivalent for a
+    model sharded with FSDP, nothing for a single process. (Duck-typed: a compiled wrapper forwards both.)"""
+    if hasattr(net, "set_requires_gradient_sync"):
+        from .fsdp import no_gradient_sync
+
+        return no_gradient_sync(net)
+    return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()

@@ -2,8 +2,9 @@
 
 Recipe (docs/design.md section 2): AdamW (0.9, 0.95, eps 1e-6, decay 0.2 through ``model.param_groups``), linear
 warm-up then cosine to zero, bf16 autocast optional, logit scale clamped after each step. Runs on one process or under
-``torchrun`` (DDP; the model's loss covers the global batch). Step ``s`` always trains on the same samples (see
-:mod:`llip.data.datasets`), so a run resumed from a checkpoint continues bitwise like an uninterrupted one.
+``torchrun`` (DDP, or sharded with ``--fsdp``: :mod:`.fsdp`; the model's loss covers the global batch). Step ``s``
+always trains on the same samples (see :mod:`llip.data.datasets`), so a run resumed from a checkpoint continues
+bitwise like an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .checkpoint import (
     remove_stale_temp_files,
     rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_state,
 )
 from .metrics import MetricsLog, wandb_available
@@ -77,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 1
     grad_clip: float | None = None
+    fsdp: bool = False  # shard parameters, gradients and optimiser state across the ranks (fsdp.py); needs torchrun
     accum_freq: int = 1  # micro-batches per step, features cached so the loss sees the whole batch (accumulate.py)
     lock_image: bool = False  # freeze the image tower (LiT-style); the Llip mixture tokens and head keep training
     lock_text: bool = False  # freeze the text tower
@@ -159,7 +162,8 @@ def train(cfg: TrainConfig) -> dict:
             _log_step(run, log, bar, throughput, step, done, skips.total)
         if step % cfg.save_every == 0 or step == run.steps:
             last_ckpt = checkpoint(step, skips.total) or last_ckpt
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != run.steps and run.dd.main:
+        eval_due = cfg.eval_every and step % cfg.eval_every == 0 and step != run.steps
+        if eval_due and (run.dd.main or cfg.fsdp):  # under --fsdp every rank gathers the weights rank 0 evaluates
             results = evaluate(step)
             if bar is not None:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.1f}" for k, (v, _) in results.items()))
@@ -172,6 +176,8 @@ def train(cfg: TrainConfig) -> dict:
         bar.close()
     if step == run.steps and run.dd.main:
         results = _final_evaluation(evaluate, step, last_ckpt, skips)
+    elif step == run.steps and cfg.fsdp:
+        evaluate(step)  # this rank's share of gathering the weights rank 0 evaluates
     if log is not None:
         log.close()
     curves = _draw_curves(run.out_dir) if log is not None else None  # rank 0, from the metrics just written
@@ -198,7 +204,7 @@ class _Run:
     autocast: contextlib.AbstractContextManager
     out_dir: Path
     ckpt_dir: Path
-    model: LlipModel
+    model: LlipModel  # under --fsdp, sharded in place (fsdp.py)
     net: torch.nn.Module  # the model, or its DDP / compiled wrapper: what the forward pass runs through
     lr: float
     optimizer: torch.optim.Optimizer
@@ -229,7 +235,7 @@ def _setup_run(cfg: TrainConfig) -> _Run:
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     if precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"--precision must be fp32, bf16, fp16 or auto, got {cfg.precision!r}")
-    _check_step_options(cfg)
+    _check_step_options(cfg, precision)
     kind = data_kind(cfg.data)
     check_val_options(cfg)  # --val-data / --val-zeroshot readable, before anything is written
     out_dir, ckpt_dir = Path(cfg.output), Path(cfg.output) / "checkpoints"
@@ -239,6 +245,8 @@ def _setup_run(cfg: TrainConfig) -> _Run:
     pretrained = _read_pretrained(cfg)
     tokenizer = llip.tokenizer_for(llip.get_config(cfg.model, **cfg.overrides))  # a missing file: refused here
     _claim_output(cfg, dd, out_dir, ckpt_dir)
+    if dd.world > 1:  # every rank has checked the folder before rank 0 writes the new run into it
+        dist.barrier()
 
     seed_everything(cfg.seed)  # before the model: its initial weights depend on it
     model, optimizer, scaler, lr = _build_model(cfg, device, pretrained, precision)
@@ -293,9 +301,16 @@ def _claim_output(cfg: TrainConfig, dd: Ranks, out_dir: Path, ckpt_dir: Path) ->
         )
 
 
-def _check_step_options(cfg: TrainConfig) -> None:
+def _check_step_options(cfg: TrainConfig, precision: str) -> None:
     """Step options that cannot work together, refused before anything is written."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.fsdp and world < 2:
+        raise UsageError("--fsdp shards the model across processes: launch with torchrun --nproc-per-node N (N of "
+                         "at least 2), or train one process without --fsdp")  # fmt: skip
+    if cfg.fsdp and precision == "fp16":
+        # The fp16 gradient scaler decides per rank whether a step overflowed; with sharded gradients each rank
+        # sees only its shards and the ranks could disagree (skip the step on one, take it on another).
+        raise UsageError("--fsdp does not support --precision fp16 (its gradient scaler); use --precision bf16")
     local_batch = cfg.batch_size // max(world, 1)
     if cfg.accum_freq > local_batch:
         raise UsageError(f"--accum-freq {cfg.accum_freq} is more than the {local_batch} samples each rank gets per "
@@ -349,6 +364,10 @@ def _build_model(
         model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.fsdp:  # before the optimiser: sharding replaces the parameters it would hold
+        from .fsdp import shard_model
+
+        shard_model(model)
     lr = cfg.lr if cfg.lr is not None else model.config.lr
     optimizer = torch.optim.AdamW(
         model.param_groups(cfg.weight_decay), lr=lr, betas=(0.9, 0.95), eps=1e-6, weight_decay=cfg.weight_decay
@@ -391,10 +410,11 @@ def _build_data(
 
 
 def _wrap_model(model: LlipModel, cfg: TrainConfig, dd: Ranks, device: str) -> torch.nn.Module:
-    """What the forward pass runs through: the model itself, in DDP across ranks, compiled on request. The loss,
-    the optimiser and the checkpoints keep using the bare model."""
+    """What the forward pass runs through: the model itself, in DDP across ranks (unless sharded: ``--fsdp``
+    shards the model itself), compiled on request. The loss, the optimiser and the checkpoints keep using the bare
+    (or sharded) model."""
     net = model
-    if dd.world > 1:
+    if dd.world > 1 and not cfg.fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dd.local_rank] if device != "cpu" else None)
     if cfg.compile:
         net = torch.compile(net)
@@ -438,24 +458,42 @@ def _write_run_config(run: _Run) -> None:
 def _make_evaluator(run: _Run, log: MetricsLog | None) -> Callable[[int], dict]:
     """``evaluate(step) -> {metric: (result, chance)}`` on the built-in validation scenes (when training on them)
     and on ``--val-data`` / ``--val-zeroshot`` (keys ``val/...``, ``val_zeroshot/...``), logged under ``eval``
-    (rank 0 only); ``{}`` with none of them. Validation sets are read on first use, not before they are needed."""
+    (rank 0 only); ``{}`` with none of them. Validation sets are read on first use, not before they are needed.
+
+    Under ``--fsdp`` every rank calls it: the ranks gather the whole weights into a copy of the model on rank 0,
+    which evaluates it alone (as without ``--fsdp``) and frees the copy again; the other ranks get ``{}``."""
     import llip
     from llip.data import builtin
 
     from .evaluate import evaluate_builtin
 
+    model = run.model
+    if run.cfg.fsdp:  # an empty (meta) copy, filled at each evaluation: no memory and no random numbers until then
+        model = llip.create_model(run.cfg.model, device="meta", **run.cfg.overrides) if run.dd.main else None
     evalset = None
-    evaluate_val = make_val_evaluator(run.cfg, run.model, run.tokenizer)
+    evaluate_val = make_val_evaluator(run.cfg, model, run.tokenizer) if model is not None else None
 
     def evaluate(step: int) -> dict:
         nonlocal evalset
-        results = {}
-        if run.kind == "builtin":
-            if evalset is None:
-                eval_tf = llip.image_transform(run.model.image_size, train=False)
-                evalset = builtin.eval_set(run.model.image_size, eval_tf, run.tokenizer, n_images=run.cfg.eval_images)
-            results = evaluate_builtin(run.model, evalset, run.tokenizer, backend=run.cfg.backend)
-        results.update(evaluate_val())
+        if run.cfg.fsdp:
+            from .fsdp import gather_full_state
+
+            whole = gather_full_state(run.model)  # every rank takes part; rank 0 gets the tensors
+            if not run.dd.main:
+                return {}
+            model.load_state_dict(whole, assign=True)
+            model.to(run.device)
+        try:
+            results = {}
+            if run.kind == "builtin":
+                if evalset is None:
+                    eval_tf = llip.image_transform(model.image_size, train=False)
+                    evalset = builtin.eval_set(model.image_size, eval_tf, run.tokenizer, n_images=run.cfg.eval_images)
+                results = evaluate_builtin(model, evalset, run.tokenizer, backend=run.cfg.backend)
+            results.update(evaluate_val())
+        finally:
+            if run.cfg.fsdp:
+                model.to("meta")  # the whole copy lives only while it is evaluated
         if results:
             log.log({"step": step, **{k: v for k, (v, _) in results.items()}}, prefix="eval")
         return results
@@ -466,7 +504,8 @@ def _make_evaluator(run: _Run, log: MetricsLog | None) -> Callable[[int], dict]:
 def _make_checkpointer(run: _Run) -> Callable[[int], Path | None]:
     """``checkpoint(step, skipped) -> path``: rank 0 saves everything an exact resume needs (model, optimiser,
     scheduler, scaler, RNG state, configs, the skipped-sample count), keeping the newest ``cfg.keep``; other ranks
-    save nothing and get None."""
+    save nothing and get None. Under ``--fsdp`` every rank writes its shards of the model and optimiser into a
+    sharded checkpoint (:func:`~.checkpoint.save_sharded_checkpoint`) and rank 0 the rest."""
 
     def checkpoint(step: int, skipped: int) -> Path | None:
         stream = None
@@ -476,26 +515,25 @@ def _make_checkpointer(run: _Run) -> Callable[[int], Path | None]:
                 ranks = [None] * run.dd.world
                 dist.all_gather_object(ranks, dict(run.stream_places))
             stream = {"workers": max(run.cfg.workers, 1), "ranks": ranks}
+        state = {
+            "step": step,
+            "skipped": skipped,
+            "stream": stream,
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "rng": rng_state(),
+            "config": dataclasses.asdict(run.cfg),
+            "model_config": dataclasses.asdict(run.model.config),
+        }
+        hang = run.cfg.hang_in_checkpoint == step
+        if run.cfg.fsdp:
+            return save_sharded_checkpoint(
+                state, run.model, run.optimizer, run.ckpt_dir, step, run.cfg.keep, hang_before_rename=hang
+            )
         if not run.dd.main:
             return None
-        return save_checkpoint(
-            {
-                "step": step,
-                "skipped": skipped,
-                "stream": stream,
-                "model": run.model.state_dict(),
-                "optimizer": run.optimizer.state_dict(),
-                "scheduler": run.scheduler.state_dict(),
-                "scaler": run.scaler.state_dict(),
-                "rng": rng_state(),
-                "config": dataclasses.asdict(run.cfg),
-                "model_config": dataclasses.asdict(run.model.config),
-            },
-            run.ckpt_dir,
-            step,
-            run.cfg.keep,
-            hang_before_rename=run.cfg.hang_in_checkpoint == step,
-        )
+        state.update(model=run.model.state_dict(), optimizer=run.optimizer.state_dict())
+        return save_checkpoint(state, run.ckpt_dir, step, run.cfg.keep, hang_before_rename=hang)
 
     return checkpoint
 
@@ -599,6 +637,10 @@ def _train_step(run: _Run, batch: dict, step: int) -> _StepDone:
         )
     if cfg.accum_freq == 1:
         scaler.scale(loss).backward()
+    if cfg.fsdp:  # FSDP reduced the sharded gradients; the few replicated parameters' are averaged here
+        from .fsdp import reduce_replicated_grads
+
+        reduce_replicated_grads(model)
     grad_norm = None
     if cfg.grad_clip:
         scaler.unscale_(optimizer)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import UsageError
-from .checkpoint import find_resume, load_checkpoint
+from .checkpoint import find_resume, is_sharded, load_checkpoint, load_sharded
 
 if TYPE_CHECKING:
     from llip.model import LlipModel
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 RESUME_FREE_FIELDS = {
     "resume", "output", "overwrite", "progress", "tensorboard", "workers", "eval_every", "eval_images", "log_every",
     "save_every", "keep", "device", "compile", "backend", "grad_checkpointing", "hang_after", "hang_in_checkpoint",
+    "fsdp",  # sharded or replicated, the same training (a sharded checkpoint resumes either way)
     "overrides",  # compared through the model configuration instead
     "pretrained",  # where the weights started: a resumed run continues from its checkpoint
     "val_data", "val_samples", "val_zeroshot", "val_classnames", "val_templates",  # what is measured, not trained
@@ -51,20 +53,31 @@ def load_resume_state(
     resume_path = find_resume(cfg.resume, ckpt_dir) if cfg.resume else None
     if cfg.resume == "auto" and resume_path is None:
         print(f"llip train: no checkpoint in {ckpt_dir} yet: starting from step 0", file=sys.stderr)
-    state = load_checkpoint(resume_path) if resume_path else None
-    if state is None:
+    if resume_path is None:
         return None
-    check_same_model(state, model, resume_path)
+    sharded = is_sharded(resume_path)
+    if cfg.fsdp and not sharded:
+        raise UsageError(
+            f"cannot resume {resume_path} under --fsdp: it is a single-file checkpoint of a run without --fsdp; "
+            "resume it without --fsdp (runs under --fsdp write sharded step_*.dcp checkpoints)"
+        )
     fresh = [{k: group[k] for k in ("lr", "weight_decay", "betas", "eps")} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded:  # written under --fsdp: the model and optimiser are read in this run's layout, whatever it is
+        state = load_checkpoint(resume_path, assemble=False)
+        check_same_model(state, model, resume_path, load=lambda: load_sharded(resume_path, model, optimizer))
+    else:
+        state = load_checkpoint(resume_path)
+        check_same_model(state, model, resume_path)
+        optimizer.load_state_dict(state["optimizer"])
     for group, hyper in zip(optimizer.param_groups, fresh):
         group.update(hyper, initial_lr=hyper["lr"])
     scaler.load_state_dict(state["scaler"])
     return state
 
 
-def check_same_model(state: dict, model: LlipModel, path: Path) -> None:
-    """Load the checkpoint's weights into ``model``, or refuse with the configuration fields that differ."""
+def check_same_model(state: dict, model: LlipModel, path: Path, load: Callable[[], object] | None = None) -> None:
+    """Load the checkpoint's weights into ``model`` (by ``load()`` if given, else from ``state["model"]``), or
+    refuse with the configuration fields that differ."""
     saved = _saved_model_config(state)
     now = dataclasses.asdict(model.config)
     differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUME_MODEL_FIELDS]
@@ -73,7 +86,10 @@ def check_same_model(state: dict, model: LlipModel, path: Path) -> None:
         mismatch = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} here" for k in differ)
     else:
         try:
-            model.load_state_dict(state["model"])
+            if load is not None:
+                load()
+            else:
+                model.load_state_dict(state["model"])
         except RuntimeError as e:
             mismatch = " ".join(str(e).split())[:300]
     if mismatch is not None:

@@ -1,9 +1,9 @@
 """The run folder (``--output``): what a run writes there, and the rule that no run is ever silently mixed into
 another.
 
-A run folder holds ``config.json``, ``metrics.jsonl``, ``curves.png``, ``checkpoints/step_*.pt`` and
-``tensorboard/``. A new run may start only in a folder without them; continuing one takes ``--resume``, replacing
-one ``--overwrite`` (which removes exactly those entries, nothing else, and says so).
+A run folder holds ``config.json``, ``metrics.jsonl``, ``curves.png``, ``checkpoints/step_*.pt`` (sharded runs:
+``step_*.dcp`` folders) and ``tensorboard/``. A new run may start only in a folder without them; continuing one
+takes ``--resume``, replacing one ``--overwrite`` (which removes exactly those entries, nothing else, and says so).
 """
 
 from __future__ import annotations
