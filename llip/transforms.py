@@ -15,6 +15,8 @@ from PIL import Image
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_MEAN = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
+_STD = torch.tensor(OPENAI_STD).view(3, 1, 1)
 
 
 def to_pil(image) -> Image.Image:
@@ -76,15 +78,18 @@ def random_resized_crop_box(
 
 def normalize(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 ``[3, H, W]``, scaled to [0, 1] then normalised with the OpenAI mean/std."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # [3, H, W]
-    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    x = np.asarray(img).transpose(2, 0, 1).astype(np.float32, order="C")  # [3, H, W], one copy
+    # In place on the one float copy: the same float32 operations, in the same order, as (x / 255 - mean) / std.
+    return torch.from_numpy(x).div_(255.0).sub_(_MEAN).div_(_STD)
 
 
 class ImageTransform:
-    """``transform(image) -> float32 [3, S, S]``; ``train=True`` uses RandomResizedCrop (torch's global RNG, which
-    DataLoader seeds per worker, unless a ``generator`` is given), else resize + centre crop."""
+    """``transform(image) -> float32 [3, S, S]``; ``train=True`` uses RandomResizedCrop, else resize + centre crop.
+    The crop draws from ``transform(image, generator=g)``'s generator, else the one given at construction, else
+    torch's global RNG (which DataLoader seeds per worker); ``takes_generator`` tells
+    :func:`~llip.data.datasets.seeded_call` to pass one per sample."""
+
+    takes_generator = True
 
     def __init__(
         self,
@@ -100,11 +105,12 @@ class ImageTransform:
             raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}")
         self.image_size, self.train, self.scale, self.ratio, self.generator = image_size, train, scale, ratio, generator
 
-    def __call__(self, image) -> torch.Tensor:
+    def __call__(self, image, generator: torch.Generator | None = None) -> torch.Tensor:
         img = to_pil(image)
         S = self.image_size
         if self.train:
-            left, top, w, h = random_resized_crop_box(*img.size, self.scale, self.ratio, self.generator)
+            generator = generator if generator is not None else self.generator
+            left, top, w, h = random_resized_crop_box(*img.size, self.scale, self.ratio, generator)
             img = img.resize((S, S), Image.BICUBIC, box=(left, top, left + w, top + h))
         else:
             img = center_crop(resize_shorter(img, S), S)

@@ -1,11 +1,12 @@
 """Webdataset-format tar shards: ``key.jpg|png|webp`` + ``key.txt`` (or ``key.json`` with a ``caption`` or
-``text`` string) per sample, read with the standard library as a stream.
+``text`` string) per sample, read as a stream (:mod:`~llip.data.tarstream`).
 
 Shards are local paths or ``pipe:COMMAND`` URLs (the command writes the tar to stdout: ``pipe:curl -s URL``,
 ``pipe:aws s3 cp s3://bucket/shard.tar -``), brace-expanded (``shards/{000..009}.tar``) and ``::``-joined. They
 are shuffled per epoch, split across ranks then loader workers, read sequentially and shuffled again through a
-buffer; all orders are seeded by ``(seed, epoch, rank, worker)``. A sample whose image does not decode, or that
-lacks an image or a non-empty caption, is skipped; an unreadable shard too; each is named in a warning and
+buffer; all orders are seeded by ``(seed, epoch, rank, worker)``, and a sample's augmentation by ``(seed, epoch,
+key)`` (:func:`~llip.data.datasets.seeded_call`), whichever worker reads it. A sample whose image does not decode,
+or that lacks an image or a non-empty caption, is skipped; an unreadable shard too; each is named in a warning and
 counted (:class:`~llip.data.skips.SkipLog`). The stream repeats epochs forever; the trainer decides when to stop.
 A stream with no readable sample at all ends, and its last item tells the trainer how many samples were skipped
 and why.
@@ -35,6 +36,7 @@ from PIL import Image
 from ..errors import DataError
 from .datasets import seeded_call
 from .skips import SkipLog
+from .tarstream import tar_members
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "json")
@@ -58,18 +60,20 @@ def expand_shards(spec: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def open_shard(url: str) -> Iterator[tarfile.TarFile]:
-    """A tar stream of ``url``: a local file, or the standard output of a ``pipe:`` command. A command that exits
-    with an error after its stream was read to the end raises OSError with its last stderr line."""
+def open_shard(url: str) -> Iterator[Iterator[tuple[str, bytes]]]:
+    """The ``(member name, payload)`` of each file of the tar stream ``url`` (:func:`~llip.data.tarstream.tar_members`):
+    a local file, or the standard output of a ``pipe:`` command. A command that exits with an error after its stream
+    was read to the end raises OSError with its last stderr line."""
     if not url.startswith(PIPE):
-        with tarfile.open(url, mode="r|*") as tar:
-            yield tar
+        with open(url, "rb") as f:
+            yield tar_members(f)
         return
     proc = subprocess.Popen(url[len(PIPE) :], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     finished, error = False, None
     try:
-        with tarfile.open(fileobj=proc.stdout, mode="r|*") as tar:
-            yield tar
+        yield tar_members(proc.stdout)
+        while proc.stdout.read(1 << 16):
+            pass  # the zero blocks after the archive: a command writing them to a closed pipe would fail
         finished = True
     except tarfile.TarError as e:
         error = e  # reported below, after the command's own status (a failed command explains a broken stream)
@@ -86,13 +90,11 @@ def open_shard(url: str) -> Iterator[tarfile.TarFile]:
         raise error
 
 
-def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Consecutive tar members sharing a key (the path up to the first dot of the file name) form a sample."""
+def _group(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Consecutive files sharing a key (the path up to the first dot of the file name) form a sample."""
     key, files = None, {}
-    for member in tar:
-        if not member.isfile():
-            continue
-        folder, name = os.path.split(member.name)
+    for name, payload in members:
+        folder, name = os.path.split(name)
         if "." not in name:
             continue
         stem, ext = name.split(".", 1)
@@ -101,7 +103,7 @@ def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
             yield key, files
             files = {}
         key = this
-        files[ext.lower()] = tar.extractfile(member).read()
+        files[ext.lower()] = payload
     if files:
         yield key, files
 
@@ -154,8 +156,8 @@ class WebDataset(torch.utils.data.IterableDataset):
         count = 0
         for url in self._my_shards(epoch):
             try:
-                with open_shard(url) as tar:
-                    for key, files in _group(tar):
+                with open_shard(url) as members:
+                    for key, files in _group(members):
                         count += 1
                         if strided and count % consumers != me:
                             continue
@@ -187,8 +189,7 @@ class WebDataset(torch.utils.data.IterableDataset):
                 image = im.convert("RGB")
         except Exception as e:  # noqa: BLE001 - any decoding failure means "skip this sample"
             return f"image does not decode ({type(e).__name__})"
-        key_seed = int.from_bytes(key.encode()[-8:].rjust(8, b"\0"), "little")
-        return seeded_call(self.transform, image, (self.seed, epoch, key_seed)), caption
+        return seeded_call(self.transform, image, (self.seed, epoch, key)), caption
 
     def one_pass(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, str]]:
         """``(image, caption)`` of every readable sample of this consumer's shards once, in file order (no shuffle

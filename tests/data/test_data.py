@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import random
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from llip.data import build_train_loader, builtin, data_kind
-from llip.data.datasets import StepSampler, seeded_call
+from llip.data.datasets import StepSampler, sample_seed, seeded_call
 from llip.data.webdata import expand_shards
 from llip.errors import DataError, UsageError
 from llip.tokenizer import get_tokenizer
@@ -97,6 +98,34 @@ def test_seeded_call_is_deterministic_and_leaves_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(a, seeded_call(tf, image, (1, 2, 3)))
     assert not torch.equal(a, seeded_call(tf, image, (1, 2, 4)))  # a different sample gets a different crop
+    # The transform draws from its own generator; through the global RNGs (any other callable) the same crop.
+    assert torch.equal(a, seeded_call(lambda x: tf(x), image, (1, 2, 3)))
+
+
+def test_sample_seeds_are_stable_and_differ_between_samples():
+    # Pinned: a resumed run must derive the same seeds as the run that saved the checkpoint.
+    assert sample_seed(0, 0, 0) == 5893292994067941330
+    assert sample_seed(0, 0, "s0_000") == 4838809232935587543
+    assert sample_seed(np.int64(1), 2, 3) == sample_seed(1, 2, 3)  # numpy ints count as the same ints
+    keys = [(s, e, i) for s in range(3) for e in range(4) for i in range(200)]
+    keys += [(0, 0, f"shard-{k}/{i:06d}") for k in range(3) for i in range(50)]
+    seeds = {sample_seed(*k) for k in keys}
+    assert len(seeds) == len(keys) and all(0 <= s < 2**63 for s in seeds)
+    assert sample_seed(0, 1) != sample_seed(0, 1, 0) and sample_seed(1, 0) != sample_seed(0, 1)
+    with pytest.raises(TypeError):
+        sample_seed(0, 1.5)  # a float would round: not a sample key
+
+
+def test_seeded_call_seeds_and_restores_the_global_rngs_for_other_callables():
+    def draw(_):
+        return torch.rand(2).tolist(), np.random.rand(2).tolist(), [random.random(), random.random()]
+
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    a = seeded_call(draw, None, (1, 2, "key"))
+    assert a == seeded_call(draw, None, (1, 2, "key")) != seeded_call(draw, None, (1, 2, "other"))
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
 
 
 def _batches(source, tokenizer, n, **kw):

@@ -78,6 +78,21 @@ def test_resuming_from_saved_places_continues_the_stream_exactly(tmp_path, worke
         assert 4 <= len(decoded) <= 6  # one batch of 4, plus the broken .json samples met on the way
 
 
+def test_a_sample_gets_the_same_crop_wherever_it_is_read(tmp_path):
+    spec = _write_shards(tmp_path, shards=2)
+    tf = llip.image_transform(S, train=True)
+    alone = {c: x for x, c in wd.WebDataset(spec, tf, seed=3).one_pass()}  # one consumer, no shuffle buffer
+    assert len(alone) == 12
+    for rank in (0, 1):  # two consumers, each reading one shard through its shuffle buffer
+        epoch0 = itertools.takewhile(lambda s: s[2][0] == 0, wd.WebDataset(spec, tf, seed=3, rank=rank, world=2))
+        for image, caption, _ in epoch0:
+            assert torch.equal(image, alone[caption]), caption
+    # Another seed, or another epoch: other crops (for most samples: a 16 px image has few distinct crops).
+    other = {c: x for x, c in wd.WebDataset(spec, tf, seed=4).one_pass()}
+    assert sum(not torch.equal(other[c], alone[c]) for c in alone) >= 9
+    assert sum(not torch.equal(x, alone[c]) for x, c in wd.WebDataset(spec, tf, seed=3).one_pass(epoch=1)) >= 9
+
+
 def test_a_saved_place_for_other_workers_falls_back_to_replaying(tmp_path):
     spec = _write_shards(tmp_path)
     full = list(itertools.islice(_loader(spec), 3))
@@ -95,6 +110,15 @@ def test_pipe_urls_and_json_captions(tmp_path):
     captions = [c for _, c, _ in itertools.islice(iter(dataset), 6)]
     assert sorted(captions) == sorted(f"scene {n}" for n in (0, 1, 2, 4, 5, 6))  # .txt and .json alike
     assert any("has no 'caption' or 'text' string" in why for why in dataset.skips.counts)
+
+
+def test_a_pipe_that_writes_after_the_archive_is_read_to_its_end(tmp_path):
+    # Padding written after the end-of-archive blocks, late: the reader waits for it rather than closing the pipe
+    # under the command (which would then fail with SIGPIPE, and the shard would be counted as unreadable).
+    _write_shards(tmp_path, shards=1)
+    late = f"pipe:cat {tmp_path / 'shard-0.tar'}; sleep 0.3; head -c 20480 /dev/zero"
+    dataset = wd.WebDataset(late, llip.image_transform(S, train=False))
+    assert len(list(dataset.one_pass())) == 6 and not any("command" in why for why in dataset.skips.counts)
 
 
 def test_stream_sources_that_cannot_work_are_clear_errors(tmp_path):
