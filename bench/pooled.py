@@ -73,7 +73,7 @@ def _memory_here(loss: str, path: str, B: int, D: int) -> int:
     return measure_in_process_cpu(build_case(loss, path, B, D))["peak_bytes"]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench pooled", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[1024, 4096, 8192])
     p.add_argument("--dim", type=int, default=512)
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"meta": run_metadata("cpu", "python -m bench pooled " + " ".join(argv or [])), "rows": rows}
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
-    return result
+    return 0  # python -m bench exits with it; the rows are in the file
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

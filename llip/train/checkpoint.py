@@ -109,14 +109,21 @@ def _prune(folder: str | os.PathLike, keep: int) -> None:
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> int:
     """Delete the temporary files (and sharded checkpoint folders) that writes interrupted by a kill left in
-    ``folder``; how many there were."""
+    ``folder``; how many there were. A sharded checkpoint moved aside to be rewritten (``.step_<n>.dcp.old``)
+    whose replacement never got its name is put back instead: it is the checkpoint, not a leftover."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     stale = [folder / name for name in os.listdir(folder) if TEMP_PATTERN.match(name)]
+    removed = 0
     for path in stale:
+        final = folder / path.name[1:].removesuffix(".old")
+        if path.name.endswith(".dcp.old") and not final.exists():
+            os.replace(path, final)  # killed between save_sharded_checkpoint's two renames
+            continue
         _remove(path)
-    return len(stale)
+        removed += 1
+    return removed
 
 
 def save_checkpoint(
@@ -155,6 +162,8 @@ def save_sharded_checkpoint(
         time.sleep(1)
     old = folder / f".{path.name}.old"
     if path.exists():  # the same step written again (a run resumed from an older checkpoint): replace it
+        # A folder cannot be renamed over a full one: the old one steps aside first. A kill before the next rename
+        # leaves it as .old, which remove_stale_temp_files puts back at the next start.
         _remove(old)
         os.replace(path, old)
     os.replace(tmp, path)
@@ -196,10 +205,19 @@ def _read_sharded_model(path: Path) -> dict[str, torch.Tensor]:
 def _dcp_load(state: dict, path: str | os.PathLike, *, single: bool) -> None:
     """``dcp.load`` into ``state`` in place; ``single``: in this process alone, without a process group."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     with warnings.catch_warnings():  # one process reading what several wrote is intended here, not to be warned of
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        dcp.load(state, checkpoint_id=path, no_dist=single)
+        try:
+            dcp.load(state, checkpoint_id=path, no_dist=single)
+        except CheckpointException as e:  # a BaseException whose text is every failing rank's whole traceback
+            rank, (error, _) = next(iter(e.failures.items()))
+            detail = " ".join(str(error).split())[:200]
+            raise UsageError(
+                f"cannot read sharded checkpoint {path}: a shard is missing or damaged, or it is not an llip "
+                f"checkpoint (rank {rank}: {type(error).__name__}: {detail})"
+            ) from None
 
 
 def find_resume(resume: str, folder: str | os.PathLike, *, what: str = "--resume") -> Path | None:
@@ -234,6 +252,8 @@ def load_checkpoint(path: str | os.PathLike, *, assemble: bool = True) -> dict:
         state = torch.load(path / SHARDED_STATE if sharded else path, map_location="cpu", weights_only=False)
         if sharded and assemble and isinstance(state, dict):
             state["model"] = _read_sharded_model(path)
+    except UsageError:
+        raise
     except Exception as e:  # noqa: BLE001 - torch raises several types for a torn or foreign file
         detail = " ".join(str(e).split())[:200]
         raise UsageError(

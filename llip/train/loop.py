@@ -307,6 +307,11 @@ def _check_step_options(cfg: TrainConfig, precision: str) -> None:
     if cfg.fsdp and world < 2:
         raise UsageError("--fsdp shards the model across processes: launch with torchrun --nproc-per-node N (N of "
                          "at least 2), or train one process without --fsdp")  # fmt: skip
+    if cfg.fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401 - public from PyTorch 2.6 on
+        except ImportError:
+            raise UsageError(f"--fsdp needs PyTorch 2.6 or newer (FSDP2), this is {torch.__version__}") from None
     if cfg.fsdp and precision == "fp16":
         # The fp16 gradient scaler decides per rank whether a step overflowed; with sharded gradients each rank
         # sees only its shards and the ranks could disagree (skip the step on one, take it on another).
@@ -472,9 +477,13 @@ def _make_evaluator(run: _Run, log: MetricsLog | None) -> Callable[[int], dict]:
         model = llip.create_model(run.cfg.model, device="meta", **run.cfg.overrides) if run.dd.main else None
     evalset = None
     evaluate_val = make_val_evaluator(run.cfg, model, run.tokenizer) if model is not None else None
+    # The same on every rank: under --fsdp no rank then gathers a whole copy of the weights that nobody evaluates
+    nothing_to_evaluate = run.kind != "builtin" and run.cfg.val_data is None and run.cfg.val_zeroshot is None
 
     def evaluate(step: int) -> dict:
         nonlocal evalset
+        if nothing_to_evaluate:
+            return {}
         if run.cfg.fsdp:
             from .fsdp import gather_full_state
 

@@ -224,7 +224,7 @@ def test_entry_point_lists_every_subcommand_and_each_prints_its_help():
 def test_pooled_bench_runs_every_path_and_writes_its_rows(tmp_path):
     from bench import pooled
 
-    result = pooled.main(["--batch", "24", "--dim", "8", "--output", str(tmp_path / "p.json")])
+    assert pooled.main(["--batch", "24", "--dim", "8", "--output", str(tmp_path / "p.json")]) == 0  # exit status
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
-    assert rows == result["rows"] and {(r["loss"], r["path"]) for r in rows} == set(pooled.PATHS)
+    assert {(r["loss"], r["path"]) for r in rows} == set(pooled.PATHS)
     assert all(r["ms"] > 0 and r["gflops"] > 0 and r["peak_mb"] >= 0 for r in rows)

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed import fsdp
 
 import llip
 from llip.cli import main
@@ -185,6 +186,11 @@ def test_sharded_step_and_checkpoint_match_one_process(tmp_path):
     assert saved["step"] == 1 and saved["model"].keys() == sharded["weights"].keys()
     for name, w in sharded["weights"].items():
         assert torch.equal(saved["model"][name], w), name
+    # Rank 1's shards lost (its folder was not on storage rank 0 sees): one error line, not DCP's traceback.
+    (tmp_path / "step_00000001.dcp" / "__1_0.distcp").unlink()
+    with pytest.raises(UsageError, match=r"a shard is missing or damaged.*FileNotFoundError") as lost:
+        ckpt.load_checkpoint(tmp_path / "step_00000001.dcp")
+    assert "\n" not in str(lost.value)
 
 
 def test_sharded_checkpoints_are_found_pruned_and_cleaned(tmp_path):
@@ -194,7 +200,11 @@ def test_sharded_checkpoints_are_found_pruned_and_cleaned(tmp_path):
         (folder / f"step_{step:08d}.dcp").mkdir(parents=True)
         torch.save({"step": step, "config": {}}, folder / f"step_{step:08d}.dcp" / ckpt.SHARDED_STATE)
     (folder / ".step_00000004.dcp.tmp").mkdir()  # a kill during a sharded write left this
-    assert ckpt.remove_stale_temp_files(folder) == 1 and not (folder / ".step_00000004.dcp.tmp").exists()
+    # A kill between the two renames of step 3 written again: the old folder aside, the new one not yet named.
+    os.replace(folder / "step_00000003.dcp", folder / ".step_00000003.dcp.old")
+    (folder / ".step_00000003.dcp.tmp").mkdir()
+    assert ckpt.remove_stale_temp_files(folder) == 2  # the two .tmp removed, step 3 put back
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
     assert [s for s, _ in ckpt.list_checkpoints(folder)] == [1, 2, 3]
     assert ckpt.find_resume("auto", folder).name == "step_00000003.dcp"
     assert ckpt.find_resume(str(tmp_path), folder).name == "step_00000003.dcp"  # a run folder: its newest
@@ -211,6 +221,9 @@ def test_what_fsdp_cannot_do_is_one_error_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # refused before the process group would be joined
     assert main(["train", "--fsdp", "--precision", "fp16", "--output", str(tmp_path / "y")]) == 2
     assert "--fsdp does not support --precision fp16" in capsys.readouterr().err
+    monkeypatch.delattr(fsdp, "fully_shard")  # a PyTorch before 2.6
+    assert main(["train", "--fsdp", "--output", str(tmp_path / "y")]) == 2
+    assert "--fsdp needs PyTorch 2.6 or newer" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     torch.save({}, tmp_path / "step_00000002.pt")
     cfg = TrainConfig(fsdp=True, resume=str(tmp_path / "step_00000002.pt"))
