@@ -8,7 +8,10 @@ Shape: B/16 head (K=32, H=8, D=512, d=64, tau=5), float32, ``llip_sigmoid_loss``
   (ru_maxrss never goes down, so one process per measurement); target cpu <= reference / 20;
 - bounded memory: ``cpu`` at Bi = Bt = 4096 (``--big``, 0 to skip), its peak reported;
 - efficiency: ``cpu``'s FLOP/s, counting the FLOPs of form 3 that it performs (``cpu_backend.flops``), over a large
-  fp32 ``torch.mm`` measured in the same run; target >= 50%.
+  fp32 ``torch.mm`` measured in the same run; target >= 50%;
+- bf16 (``--bf16``, on by default): ``cpu`` on bfloat16 inputs (its bf16 products where the CPU has them,
+  ``cpu_backend.bf16_products``) against the float32 row of the same run (target >= 2x), and its FLOP/s over a
+  bf16 ``torch.mm`` of the same run (target >= 50%).
 
 Every provider runs on torch's default thread count (the cpu kernel follows it unless ``$LLIP_CPU_THREADS`` says
 otherwise, see ``llip_kernels.backends.cpu.kernel_threads``); the yardstick matmul too. Timings on 2 shared cores are
@@ -56,7 +59,7 @@ def _peak_rss_mb() -> float:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def worker(provider: str, batch: int, reps: int) -> dict:
+def worker(provider: str, batch: int, reps: int, dtype: str = "float32") -> dict:
     """Runs in its own process: time fwd+bwd of one provider, and its peak RSS above the baseline."""
     import torch
 
@@ -64,7 +67,7 @@ def worker(provider: str, batch: int, reps: int) -> dict:
     from llip_kernels.backends import cpu as cpu_backend  # importing builds nothing
     from llip_kernels.testing import make_llip_inputs
 
-    x = make_llip_inputs(batch, batch, H, K, d, tau=TAU)
+    x = make_llip_inputs(batch, batch, H, K, d, tau=TAU, dtype=getattr(torch, dtype))
     if provider == "cpu":  # build / load the extension before the baseline: a one-off, not working memory
         cpu_backend.extension()
     import gc
@@ -96,11 +99,14 @@ def worker(provider: str, batch: int, reps: int) -> dict:
         "peak_mb": _peak_rss_mb() - base,
         "loss": float(loss.detach()),
         "threads": threads,
+        "dtype": dtype,
+        "bf16_products": provider == "cpu" and cpu_backend.bf16_products(x.k.dtype),
     }
 
 
-def run_worker(provider: str, batch: int, reps: int, timeout: float) -> dict:
+def run_worker(provider: str, batch: int, reps: int, timeout: float, dtype: str = "float32") -> dict:
     cmd = [sys.executable, "-m", "bench.cpu_targets", "--worker", provider, "--batch", str(batch), "--reps", str(reps)]
+    cmd += ["--dtype", dtype]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     try:
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
@@ -112,13 +118,13 @@ def run_worker(provider: str, batch: int, reps: int, timeout: float) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def matmul_gflops() -> float:
-    """The suite's yardstick (:func:`bench.common.matmul_tflops`, fp32 2048^3 on the CPU) in GFLOP/s."""
+def matmul_gflops(dtype: str = "float32") -> float:
+    """The suite's yardstick (:func:`bench.common.matmul_tflops`, a 2048^3 ``torch.mm`` on the CPU) in GFLOP/s."""
     import torch
 
     from bench.common import matmul_tflops
 
-    return matmul_tflops("cpu", torch.float32)["tflops"] * 1e3
+    return matmul_tflops("cpu", getattr(torch, dtype))["tflops"] * 1e3
 
 
 def main(argv=None) -> int:
@@ -128,11 +134,13 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--providers", nargs="+", default=["cpu", "torch", "reference"])
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="the bf16 rows (default on)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.batch, args.reps)))
+        print(json.dumps(worker(args.worker, args.batch, args.reps, args.dtype)))
         return 0
 
     from llip_kernels.backends import cpu as cpu_backend
@@ -141,13 +149,18 @@ def main(argv=None) -> int:
     fl = sum(cpu_backend.flops("sigmoid_loss", B, B, H, K, d, backward=bw) for bw in (False, True))
     rows = {}
     mm_before = matmul_gflops()
+    mm16_before = matmul_gflops("bfloat16") if args.bf16 else 0.0
     for prov in args.providers:
         rows[prov] = run_worker(prov, B, args.reps, args.timeout)
         print(f"  {prov:>9} B={B}: {json.dumps(rows[prov])}", flush=True)
+    if args.bf16:
+        rows["cpu-bf16"] = run_worker("cpu", B, args.reps, args.timeout, "bfloat16")
+        print(f"  {'cpu-bf16':>9} B={B}: {json.dumps(rows['cpu-bf16'])}", flush=True)
     big = run_worker("cpu", args.big, 0, args.timeout) if args.big else None
     if big:
         print(f"  {'cpu':>9} B={args.big}: {json.dumps(big)}", flush=True)
     mm = max(mm_before, matmul_gflops())  # yardstick measured before and after the runs, best of both
+    mm16 = max(mm16_before, matmul_gflops("bfloat16")) if args.bf16 else 0.0
 
     def ok(r):
         return r is not None and "error" not in r
@@ -183,11 +196,31 @@ def main(argv=None) -> int:
         )
     elif cpu is not None:
         print(f"cpu failed: {cpu['error']}")
+    bf = rows.get("cpu-bf16")
+    if ok(bf) and ok(cpu):
+        ratio = cpu["seconds"] / bf["seconds"]
+        products = "bf16 products" if bf["bf16_products"] else "float32 products: no bf16 products on this CPU"
+        print(f"bf16 torch.mm (2048^3): {mm16:.1f} GFLOP/s ({mm16 / mm:.2f}x fp32)")
+        print(
+            f"speed   cpu bf16 vs fp32 : {ratio:6.2f}x  (target >= 2.0x) {'PASS' if ratio >= 2.0 else 'FAIL'}   "
+            f"[{bf['seconds']:.2f} s vs {cpu['seconds']:.2f} s; {products}]"
+        )
+        gf16 = fl / bf["seconds"] / 1e9
+        print(
+            f"flops   cpu bf16 form 3  : {gf16:6.1f} GFLOP/s = {100 * gf16 / mm16:.0f}% of bf16 torch.mm "
+            f"(target >= 50%) {'PASS' if gf16 >= 0.5 * mm16 else 'FAIL'}"
+        )
+    elif bf is not None and not ok(bf):
+        print(f"cpu bf16 failed: {bf['error']}")
     if big is not None:
         state = f"{big['peak_mb']:.0f} MB peak, {big['seconds']:.1f} s" if ok(big) else big["error"]
         print(f"bounded cpu at Bi = Bt = {args.big}: {state}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "big": big, "matmul_gflops": mm, "flops": fl}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"rows": rows, "big": big, "matmul_gflops": mm, "matmul_bf16_gflops": mm16, "flops": fl}, indent=1
+            )
+        )
     return 0
 
 

@@ -23,7 +23,10 @@
 // per-thread partial sums of dQ, dU, dM and of the losses added in thread order), so repeated calls are bitwise
 // identical.
 //
-// All tensors here are float32; the Python wrapper upcasts bf16/fp16 inputs once (O(Bi + Bt) work).
+// All tensors here are float32; the Python wrapper upcasts bf16/fp16 inputs once (O(Bi + Bt) work). With
+// bf16_products (bf16 inputs, on CPUs that have bf16 dot products: bf16_gemm.h), every product (the Gram matrices,
+// scores, value scores, G_i a and the gradient products) takes bf16 operands with float32 accumulation instead
+// (bf16_products.cpp); the softmax, norms, losses and reductions are the same code, in float32 / float64.
 
 #include <torch/extension.h>
 
@@ -35,7 +38,9 @@
 #include <optional>
 #include <vector>
 
+#include "bf16_gemm.h"
 #include "fast_math.h"
+#include "tiles.h"
 
 // torch's MKL (when torch has one) turns MKL's dynamic threading off, so a GEMM called inside our OpenMP region
 // would open a nested team per call and the threads thrash (20x slower measured on 2 cores). Each of our threads
@@ -43,6 +48,16 @@
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace {
+
+using llip_cpu::Inputs;
+using llip_cpu::Scratch;
+using llip_cpu::Tile;
+
+// llip_cpu::add_partial on tensors: a contiguous float64 sum += a contiguous float32 partial of the same size.
+void add_partial(const at::Tensor& dst, const at::Tensor& src) {
+  TORCH_CHECK(dst.is_contiguous() && src.is_contiguous() && dst.numel() == src.numel(), "llip cpu kernel: add_partial");
+  llip_cpu::add_partial(dst.data_ptr<double>(), src.data_ptr<float>(), dst.numel());
+}
 
 // Single-threaded MKL on this thread for the life of the guard (no-op without MKL).
 struct SerialBlasGuard {
@@ -63,37 +78,6 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 // kLogits computes cos(z_ij, y_j); the caller applies t and b.
 enum Op : int64_t { kLogits = 0, kSigmoidLoss = 1, kSoftmaxLoss = 2 };
 
-// Read-only inputs in the layouts the tile GEMMs want.
-struct Inputs {
-  int64_t Bi, Bt, H, K, d, D, HK, Ti, Tj;
-  float tau;
-  at::Tensor k, v;    // [Bi, H, K, d]
-  at::Tensor qh, uh;  // [H, Bt, d]
-  at::Tensor mh;      // [H, d, D]: rows of M = W_out W_out^T grouped by head
-};
-
-// Per-thread scratch.
-struct Scratch {
-  at::Tensor S, C;            // [H, Ti*K, Tj]: scores s (later ds), value scores c (later ddot * a)
-  at::Tensor A, P;            // [Ti, HK, Tj]: attention a, G_i a (later dn2 * a)
-  at::Tensor dot, n2;         // [Ti * Tj]
-  at::Tensor ddot, dn2;       // [Ti * Tj] (backward)
-  at::Tensor G, dG;           // [Ti, HK, HK]
-  at::Tensor T;               // [Ti, HK, D]: rows V_i[h,k] M_h (M's rows of head h), shared by G and its backward
-  at::Tensor gs, Y, Ybuf;     // backward of G: [HK, HK], [D, HK] per image, [H, D, Ti*K] per block
-  at::Tensor kbuf, vbuf;      // the block's keys / values, head-major [H, ti*K, d] (one row range per head)
-  at::Tensor dkbuf, dvbuf;    // their gradients, summed over the text tiles of the block in float64
-  at::Tensor kb, vb, dkb, dvb;  // views of the above for the current block
-  at::Tensor tile_out;        // float32 result of one gradient GEMM of a tile, before it joins a float64 sum
-  at::Tensor dGtile;          // [Ti, HK, HK] float32: one tile's dG, before it joins the float64 dG
-  at::Tensor dm_tile;         // [D, d] float32: one head's block of dM, before it joins the float64 dM
-  std::vector<float> mx, sm;  // [Tj]
-};
-
-struct Tile {
-  int64_t i0, ti, j0, tj;
-};
-
 void check_f32(const at::Tensor& x, const char* name, int64_t ndim) {
   TORCH_CHECK(x.device().is_cpu(), "llip cpu kernel: ", name, " must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat, "llip cpu kernel: ", name, " must be float32, got ", x.scalar_type());
@@ -101,7 +85,7 @@ void check_f32(const at::Tensor& x, const char* name, int64_t ndim) {
 }
 
 Inputs make_inputs(const at::Tensor& k, const at::Tensor& v, const at::Tensor& q, const at::Tensor& u,
-                   const at::Tensor& m, double tau, int64_t Ti, int64_t Tj) {
+                   const at::Tensor& m, double tau, int64_t Ti, int64_t Tj, bool bf16_products) {
   check_f32(k, "k", 4);
   check_f32(v, "v", 4);
   check_f32(q, "q", 3);
@@ -124,6 +108,14 @@ Inputs make_inputs(const at::Tensor& k, const at::Tensor& v, const at::Tensor& q
   in.qh = q.permute({1, 0, 2}).contiguous();
   in.uh = u.permute({1, 0, 2}).contiguous();
   in.mh = m.contiguous().view({in.H, in.d, in.D});
+  if (bf16_products) {
+    TORCH_CHECK(llip_cpu::bf16_gemm_available(), "llip cpu kernel: bf16 products asked for, but this CPU / torch "
+                "build has no bf16 GEMM micro-kernel (check bf16_products_available() first)");
+    in.lowp = true;
+    // Every tile but the last starts at an even text, where a row pair of the VNNI-packed Q and U begins.
+    if (in.Tj < in.Bt && (in.Tj & 1)) in.Tj += 1;
+    llip_cpu::prepare_bf16(in);
+  }
   return in;
 }
 
@@ -154,6 +146,7 @@ std::vector<Scratch> make_scratch(const Inputs& in, int64_t n, bool backward) {
       s.dvbuf = at::empty({in.Ti * in.HK * in.d}, opts.dtype(at::kDouble));
     }
     s.mx.resize(in.Tj), s.sm.resize(in.Tj);
+    if (in.lowp) llip_cpu::make_bf16_scratch(in, backward, s.b16);
   }
   return out;
 }
@@ -179,6 +172,7 @@ void gram_block(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc) {
   };
   sc.kb = head_major(sc.kbuf, in.k);
   sc.vb = head_major(sc.vbuf, in.v);
+  if (in.lowp) return llip_cpu::gram_block_bf16(in, ti, sc);
   for (int64_t i = 0; i < ti; ++i) {
     at::Tensor vi = in.v[i0 + i];                                   // [H, K, d]
     at::Tensor Ti = sc.T[i];                                         // [HK, D]
@@ -224,11 +218,15 @@ void gram_block_backward(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc, 
 // Forward of one tile: fills A (attention), C (value scores), P (G_i a), dot and n2 for the ti x tj pairs.
 void compute_tile(const Inputs& in, Scratch& sc, const Tile& t) {
   const int64_t H = in.H, K = in.K, HK = in.HK, ti = t.ti, tj = t.tj;
-  at::Tensor S = head_view(sc.S, in, t), C = head_view(sc.C, in, t);
-  for (int64_t h = 0; h < H; ++h) {
-    at::Tensor Sh = S[h], Ch = C[h];
-    at::mm_out(Sh, sc.kb[h], in.qh[h].narrow(0, t.j0, tj).t());  // [ti*K, tj]
-    at::mm_out(Ch, sc.vb[h], in.uh[h].narrow(0, t.j0, tj).t());  // [ti*K, tj]
+  if (in.lowp) {
+    llip_cpu::tile_scores_bf16(in, sc, t);
+  } else {
+    at::Tensor S = head_view(sc.S, in, t), C = head_view(sc.C, in, t);
+    for (int64_t h = 0; h < H; ++h) {
+      at::Tensor Sh = S[h], Ch = C[h];
+      at::mm_out(Sh, sc.kb[h], in.qh[h].narrow(0, t.j0, tj).t());  // [ti*K, tj]
+      at::mm_out(Ch, sc.vb[h], in.uh[h].narrow(0, t.j0, tj).t());  // [ti*K, tj]
+    }
   }
   const float* Sp = sc.S.data_ptr<float>();
   const float* Cp = sc.C.data_ptr<float>();
@@ -271,8 +269,12 @@ void compute_tile(const Inputs& in, Scratch& sc, const Tile& t) {
       }
     }
   }
-  at::Tensor A = image_view(sc.A, in, t), P = image_view(sc.P, in, t);
-  at::bmm_out(P, sc.G.narrow(0, 0, ti), A);  // [ti, HK, tj]: G_i a for every text
+  if (in.lowp) {
+    llip_cpu::tile_gram_a_bf16(in, sc, t);
+  } else {
+    at::Tensor A = image_view(sc.A, in, t), P = image_view(sc.P, in, t);
+    at::bmm_out(P, sc.G.narrow(0, 0, ti), A);  // [ti, HK, tj]: G_i a for every text
+  }
   const float* Pp = sc.P.data_ptr<float>();
   for (int64_t i = 0; i < ti; ++i) {
     float* nr = sc.n2.data_ptr<float>() + i * tj;
@@ -324,6 +326,7 @@ void for_each_tile(const Inputs& in, std::vector<Scratch>& scr, int64_t j_begin,
       }
       after_block(i0, ti, sc, tid);
     }
+    if (in.lowp) at::native::cpublas::brgemm_release(true);  // the micro-kernel's per-thread state (AMX tiles)
   };
   at::parallel_for(0, num_blocks(in), 1, body);
 }
@@ -352,8 +355,8 @@ double scalar_or(const std::optional<at::Tensor>& x, double absent) { return x ?
 std::vector<at::Tensor> pair_forward(int64_t op, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q,
                                      const at::Tensor& u, const at::Tensor& m, const std::optional<at::Tensor>& t,
                                      const std::optional<at::Tensor>& b, double tau,
-                                     std::optional<int64_t> pos_offset, int64_t Ti, int64_t Tj) {
-  Inputs in = make_inputs(k, v, q, u, m, tau, Ti, Tj);
+                                     std::optional<int64_t> pos_offset, int64_t Ti, int64_t Tj, bool bf16_products) {
+  Inputs in = make_inputs(k, v, q, u, m, tau, Ti, Tj, bf16_products);
   TORCH_CHECK(op == kLogits || op == kSigmoidLoss || op == kSoftmaxLoss, "llip cpu kernel: unknown op ", op);
   TORCH_CHECK(op != kSoftmaxLoss || in.Bi == in.Bt, "llip cpu kernel: the softmax loss needs Bi == Bt");
   const double tv = scalar_or(t, 1.0), bv = scalar_or(b, 0.0);
@@ -447,10 +450,10 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
                                       const std::optional<at::Tensor>& lse_row,
                                       const std::optional<at::Tensor>& lse_col, double tau,
                                       std::optional<int64_t> pos_offset, int64_t Ti, int64_t Tj, bool with_loss,
-                                      int64_t Tp) {
+                                      int64_t Tp, bool bf16_products) {
   TORCH_CHECK(!with_loss || op == kSigmoidLoss, "llip cpu kernel: with_loss needs the sigmoid loss");
   TORCH_CHECK(op != kSoftmaxLoss || (lse_row && lse_col), "llip cpu kernel: the softmax loss needs lse_row, lse_col");
-  Inputs in = make_inputs(k, v, q, u, m, tau, Ti, Tj);
+  Inputs in = make_inputs(k, v, q, u, m, tau, Ti, Tj, bf16_products);
   // Whole tiles per pass, so that the tiling of the texts does not depend on the pass length.
   Tp = std::max<int64_t>(1, (std::max(Tp, in.Tj) / in.Tj)) * in.Tj;
   const int64_t Bi = in.Bi, Bt = in.Bt, H = in.H, K = in.K, d = in.d;
@@ -479,9 +482,11 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
   // Text-side and M gradients sum over images, so over threads: one partial each (dQ, dU: for the texts of the
   // current pass), added in thread order.
   const int64_t pass_len = std::min(Tp, std::max<int64_t>(Bt, 1));
+  // (bf16 products: dQ^T and dU^T, [H, d, pass_len], the layout their products leave.)
   std::vector<at::Tensor> dqh(nth), duh(nth), dm(nth);
   for (int th = 0; th < nth; ++th) {
-    dqh[th] = at::empty({H, pass_len, d}, f64), duh[th] = at::empty({H, pass_len, d}, f64);
+    const std::vector<int64_t> shape = in.lowp ? std::vector<int64_t>{H, d, pass_len} : std::vector<int64_t>{H, pass_len, d};
+    dqh[th] = at::empty(shape, f64), duh[th] = at::empty(shape, f64);
     dm[th] = at::zeros({H, d, H, d}, f64);
   }
   int64_t p0 = 0;  // first text of the current pass
@@ -489,14 +494,17 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
   const float inv_tau = 1.0f / in.tau;
   auto before = [&](int64_t i0, int64_t ti, Scratch& sc, int) {
     gram_block(in, i0, ti, sc);
-    sc.dG.zero_();
+    (in.lowp ? sc.dGtile : sc.dG).zero_();  // the bf16 products sum dG^T in float32 (bf16_products.cpp)
     sc.dkb = sc.dkbuf.narrow(0, 0, ti * in.HK * d).view({H, ti * K, d}).zero_();
     sc.dvb = sc.dvbuf.narrow(0, 0, ti * in.HK * d).view({H, ti * K, d}).zero_();
   };
   auto after = [&](int64_t i0, int64_t ti, Scratch& sc, int tid) {
     dk.narrow(0, i0, ti).add_(sc.dkb.view({H, ti, K, d}).permute({1, 0, 2, 3}));
     dv.narrow(0, i0, ti).add_(sc.dvb.view({H, ti, K, d}).permute({1, 0, 2, 3}));
-    gram_block_backward(in, i0, ti, sc, dv, dm[tid]);
+    if (in.lowp)
+      llip_cpu::gram_block_backward_bf16(in, i0, ti, sc, dv.data_ptr<double>(), dm[tid].data_ptr<double>());
+    else
+      gram_block_backward(in, i0, ti, sc, dv, dm[tid]);
   };
   auto tile_backward = [&](const Tile& t, Scratch& sc, int tid) {
     const int64_t ti = t.ti, tj = t.tj;
@@ -572,32 +580,46 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
     }
     // Gradient GEMMs: image side (dK, dV and dG of the block, per thread) and text side (dQ, dU).
     // Each GEMM writes the tile's float32 partial into tile_out, which joins its float64 sum.
+    if (in.lowp) {
+      const int64_t pass_len = dqh[tid].size(2);
+      llip_cpu::tile_gradients_bf16(in, sc, t, dqh[tid].data_ptr<double>(), duh[tid].data_ptr<double>(), pass_len,
+                                    t.j0 - p0);
+      return;
+    }
     at::Tensor S = head_view(sc.S, in, t), C = head_view(sc.C, in, t);
     at::Tensor img_part = sc.tile_out.narrow(0, 0, ti * K * d).view({ti * K, d});
     at::Tensor txt_part = sc.tile_out.narrow(0, 0, tj * d).view({tj, d});
     for (int64_t h = 0; h < H; ++h) {
       at::Tensor qb = in.qh[h].narrow(0, t.j0, tj), ub = in.uh[h].narrow(0, t.j0, tj);
-      sc.dkb[h].add_(at::mm_out(img_part, S[h], qb));
-      sc.dvb[h].add_(at::mm_out(img_part, C[h], ub));
-      dqh[tid][h].narrow(0, t.j0 - p0, tj).add_(at::mm_out(txt_part, S[h].t(), sc.kb[h]));
-      duh[tid][h].narrow(0, t.j0 - p0, tj).add_(at::mm_out(txt_part, C[h].t(), sc.vb[h]));
+      at::Tensor dk_h = sc.dkb[h], dv_h = sc.dvb[h];
+      at::Tensor dq_h = dqh[tid][h].narrow(0, t.j0 - p0, tj), du_h = duh[tid][h].narrow(0, t.j0 - p0, tj);
+      add_partial(dk_h, at::mm_out(img_part, S[h], qb));
+      add_partial(dv_h, at::mm_out(img_part, C[h], ub));
+      add_partial(dq_h, at::mm_out(txt_part, S[h].t(), sc.kb[h]));
+      add_partial(du_h, at::mm_out(txt_part, C[h].t(), sc.vb[h]));
     }
     at::Tensor A = image_view(sc.A, in, t), P = image_view(sc.P, in, t);
     at::Tensor dG_part = sc.dGtile.narrow(0, 0, ti);
-    sc.dG.narrow(0, 0, ti).add_(at::bmm_out(dG_part, P, A.transpose(1, 2)));
+    at::Tensor dG = sc.dG.narrow(0, 0, ti);
+    add_partial(dG, at::bmm_out(dG_part, P, A.transpose(1, 2)));
   };
   for (p0 = 0; p0 < Bt; p0 += Tp) {
     const int64_t p1 = std::min(Bt, p0 + Tp);
     for (int th = 0; th < nth; ++th) dqh[th].zero_(), duh[th].zero_();
     for_each_tile(in, scr, p0, p1, before, tile_backward, after);
     for (int th = 0; th < nth; ++th) {
-      dq_all.narrow(1, p0, p1 - p0).add_(dqh[th].narrow(1, 0, p1 - p0));
-      du_all.narrow(1, p0, p1 - p0).add_(duh[th].narrow(1, 0, p1 - p0));
+      auto pass = [&](const at::Tensor& x) {  // [H, n, d] of this pass (bf16 products: stored transposed)
+        return in.lowp ? x.narrow(2, 0, p1 - p0).transpose(1, 2) : x.narrow(1, 0, p1 - p0);
+      };
+      dq_all.narrow(1, p0, p1 - p0).add_(pass(dqh[th]));
+      du_all.narrow(1, p0, p1 - p0).add_(pass(duh[th]));
     }
   }
   for (int th = 1; th < nth; ++th) dm[0].add_(dm[th]);
+  at::Tensor dm_out = dm[0].view({in.D, in.D});
+  if (in.lowp) dm_out = dm_out.t();  // gram_block_backward_bf16 sums dM^T
   auto unhead3 = [&](const at::Tensor& x) { return x.permute({1, 0, 2}).to(at::kFloat).contiguous(); };
-  return {dk.to(at::kFloat), dv.to(at::kFloat), unhead3(dq_all), unhead3(du_all), dm[0].view({in.D, in.D}).to(at::kFloat),
+  return {dk.to(at::kFloat), dv.to(at::kFloat), unhead3(dq_all), unhead3(du_all), dm_out.to(at::kFloat).contiguous(),
           at::scalar_tensor(ordered_sum(row_dt), f32), at::scalar_tensor(ordered_sum(row_db), f32),
           at::scalar_tensor(with_loss ? ordered_sum(row_loss) / double(Bi) : 0.0, f32)};
 }
@@ -621,10 +643,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("pair_forward", &pair_forward, "tiled forward: cos, sigmoid loss or softmax loss (+ log-sum-exps)",
           py::arg("op"), py::arg("k"), py::arg("v"), py::arg("q"), py::arg("u"), py::arg("m"), py::arg("t"),
           py::arg("b"), py::arg("tau"), py::arg("pos_offset"), py::arg("images_per_tile"),
-          py::arg("texts_per_tile"));
+          py::arg("texts_per_tile"), py::arg("bf16_products"));
   mod.def("pair_backward", &pair_backward, "tiled backward: dk, dv, dq, du, dm, dt, db (+ the sigmoid loss)",
           py::arg("op"), py::arg("grad"), py::arg("k"), py::arg("v"), py::arg("q"), py::arg("u"), py::arg("m"),
           py::arg("t"), py::arg("b"), py::arg("lse_row"), py::arg("lse_col"), py::arg("tau"), py::arg("pos_offset"),
-          py::arg("images_per_tile"), py::arg("texts_per_tile"), py::arg("with_loss"), py::arg("texts_per_pass"));
+          py::arg("images_per_tile"), py::arg("texts_per_tile"), py::arg("with_loss"), py::arg("texts_per_pass"),
+          py::arg("bf16_products"));
+  mod.def("bf16_products_available", &llip_cpu::bf16_gemm_available,
+          "whether this CPU and torch build run the bf16 products (oneDNN's bf16 GEMM micro-kernel)");
   mod.def("parallel_width", &parallel_width, "threads a parallel region of n items runs on (a build check)");
 }

@@ -61,7 +61,7 @@ FLOP_FORM = "cpu: form 3, 4KD + 2(HK)^2 per pair fwd, 8KD + 2(HK)^2 bwd, + Gram 
 
 def _sources() -> list[Path]:
     root = _build.source_dir("cpu")
-    return [root / "llip_cpu.cpp"] if root is not None else []
+    return [root / "llip_cpu.cpp", root / "bf16_products.cpp"] if root is not None else []
 
 
 @functools.cache
@@ -118,8 +118,9 @@ def extension():
     return _build.load_extension(EXT_NAME, sources, extra_cflags=list(_cpu_flags()))
 
 
-def _pair_forward(op: Op, k, v, q, u, m, *, t=None, b=None, tau: float, pos_offset=None, tiles):
-    """One forward sweep of the kernel (see ``pair_forward`` in ``csrc/cpu/llip_cpu.cpp``)."""
+def _pair_forward(op: Op, k, v, q, u, m, *, t=None, b=None, tau: float, pos_offset=None, tiles, bf16: bool):
+    """One forward sweep of the kernel (see ``pair_forward`` in ``csrc/cpu/llip_cpu.cpp``); ``bf16``: the pair
+    products take bf16 operands (see :func:`bf16_products`)."""
     images_per_tile, texts_per_tile = tiles
     with _kernel_threads():
         return extension().pair_forward(
@@ -135,11 +136,27 @@ def _pair_forward(op: Op, k, v, q, u, m, *, t=None, b=None, tau: float, pos_offs
             pos_offset=pos_offset,
             images_per_tile=images_per_tile,
             texts_per_tile=texts_per_tile,
+            bf16_products=bf16,
         )
 
 
 def _pair_backward(
-    op: Op, grad, k, v, q, u, m, *, t=None, b=None, lse=(None, None), tau, pos_offset=None, tiles, with_loss=False
+    op: Op,
+    grad,
+    k,
+    v,
+    q,
+    u,
+    m,
+    *,
+    t=None,
+    b=None,
+    lse=(None, None),
+    tau,
+    pos_offset=None,
+    tiles,
+    bf16: bool,
+    with_loss=False,
 ):
     """One backward sweep -> ``[dk, dv, dq, du, dm, dt, db, loss]`` (``loss`` only ``with_loss``, else 0)."""
     images_per_tile, texts_per_tile = tiles
@@ -162,6 +179,7 @@ def _pair_backward(
             texts_per_tile=texts_per_tile,
             with_loss=with_loss,
             texts_per_pass=TEXTS_PER_PASS,
+            bf16_products=bf16,
         )
 
 
@@ -260,18 +278,18 @@ def _grads_like(*xs: Tensor) -> tuple[Tensor, ...]:
     return tuple(torch.empty_like(x) for x in xs)
 
 
-def _cos(k: Tensor, v: Tensor, q: Tensor, u: Tensor, m: Tensor, tau: float, ti: int, tj: int) -> Tensor:
+def _cos(k: Tensor, v: Tensor, q: Tensor, u: Tensor, m: Tensor, tau: float, ti: int, tj: int, bf16: bool) -> Tensor:
     """``cos(z_ij, y_j)`` for every pair -> ``[Bi, Bt]`` float32."""
-    return _pair_forward(Op.LOGITS, k, v, q, u, m, tau=tau, tiles=(ti, tj))[0]
+    return _pair_forward(Op.LOGITS, k, v, q, u, m, tau=tau, tiles=(ti, tj), bf16=bf16)[0]
 
 
 def _cos_backward(
-    dcos: Tensor, k: Tensor, v: Tensor, q: Tensor, u: Tensor, m: Tensor, tau: float, ti: int, tj: int
+    dcos: Tensor, k: Tensor, v: Tensor, q: Tensor, u: Tensor, m: Tensor, tau: float, ti: int, tj: int, bf16: bool
 ) -> Grads5:
-    return tuple(_pair_backward(Op.LOGITS, dcos, k, v, q, u, m, tau=tau, tiles=(ti, tj))[:5])
+    return tuple(_pair_backward(Op.LOGITS, dcos, k, v, q, u, m, tau=tau, tiles=(ti, tj), bf16=bf16)[:5])
 
 
-cpu_cos = define("cpu_cos", _cos, fake=lambda k, v, q, u, m, tau, ti, tj: k.new_empty(k.shape[0], q.shape[0]))
+cpu_cos = define("cpu_cos", _cos, fake=lambda k, v, q, u, m, *_: k.new_empty(k.shape[0], q.shape[0]))
 cpu_cos_backward = define(
     "cpu_cos_backward", _cos_backward, fake=lambda dcos, k, v, q, u, m, *_: _grads_like(k, v, q, u, m)
 )
@@ -290,12 +308,16 @@ def _sigmoid_loss(
     pos_offset: int | None,
     ti: int,
     tj: int,
+    bf16: bool,
 ) -> Tensor:
     """SigLIP loss ``-(1/Bi) sum_ij log sigmoid(l_ij (t cos_ij + b))`` -> ``[]`` float32."""
-    return _pair_forward(Op.SIGMOID_LOSS, k, v, q, u, m, t=t, b=b, tau=tau, pos_offset=pos_offset, tiles=(ti, tj))[0]
+    loss = _pair_forward(
+        Op.SIGMOID_LOSS, k, v, q, u, m, t=t, b=b, tau=tau, pos_offset=pos_offset, tiles=(ti, tj), bf16=bf16
+    )
+    return loss[0]
 
 
-def _sigmoid_sweep(grad, k, v, q, u, m, t, b, tau, pos_offset, ti, tj, *, with_loss):
+def _sigmoid_sweep(grad, k, v, q, u, m, t, b, tau, pos_offset, ti, tj, bf16, *, with_loss):
     """The kernel's backward sweep for the sigmoid loss -> ``[dk, dv, dq, du, dm, dt, db, loss]``."""
     return _pair_backward(
         Op.SIGMOID_LOSS,
@@ -310,6 +332,7 @@ def _sigmoid_sweep(grad, k, v, q, u, m, t, b, tau, pos_offset, ti, tj, *, with_l
         tau=tau,
         pos_offset=pos_offset,
         tiles=(ti, tj),
+        bf16=bf16,
         with_loss=with_loss,
     )
 
@@ -327,8 +350,9 @@ def _sigmoid_loss_backward(
     pos_offset: int | None,
     ti: int,
     tj: int,
+    bf16: bool,
 ) -> Grads7:
-    return tuple(_sigmoid_sweep(grad, k, v, q, u, m, t, b, tau, pos_offset, ti, tj, with_loss=False)[:7])
+    return tuple(_sigmoid_sweep(grad, k, v, q, u, m, t, b, tau, pos_offset, ti, tj, bf16, with_loss=False)[:7])
 
 
 cpu_sigmoid_loss = define("cpu_sigmoid_loss", _sigmoid_loss, fake=lambda k, *_: k.new_empty(()))
@@ -352,12 +376,13 @@ def _sigmoid_loss_fused(
     pos_offset: int | None,
     ti: int,
     tj: int,
+    bf16: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The sigmoid loss and its gradients for a cotangent of 1 in one sweep -> ``(loss, dk, dv, dq, du, dm, dt,
     db)``. Training path: each pair's dLoss/dlogit depends on its own logit only, so the backward pass needs no
     recomputation of the forward tiles (the forward's FLOPs are paid once instead of twice). The gradients are
     O(Bi + Bt) tensors, the size of the inputs; autograd scales them by the real cotangent."""
-    out = _sigmoid_sweep(k.new_ones(()), k, v, q, u, m, t, b, tau, pos_offset, ti, tj, with_loss=True)
+    out = _sigmoid_sweep(k.new_ones(()), k, v, q, u, m, t, b, tau, pos_offset, ti, tj, bf16, with_loss=True)
     return (out[7], *out[:7])
 
 
@@ -385,17 +410,17 @@ def _fused_backward(ctx, grad, *_grads_of_grads):
             "llip cpu backend: the fused sigmoid loss has no second derivative (backward(create_graph=True), "
             "gradient penalties); use backend='torch' or 'reference' for higher-order gradients"
         )
-    return (*(g * grad for g in ctx.saved_tensors), None, None, None, None)
+    return (*(g * grad for g in ctx.saved_tensors), None, None, None, None, None)  # tau, pos_offset, ti, tj, bf16
 
 
 cpu_sigmoid_loss_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
 def _softmax_loss(
-    k: Tensor, v: Tensor, q: Tensor, u: Tensor, m: Tensor, t: Tensor, tau: float, ti: int, tj: int
+    k: Tensor, v: Tensor, q: Tensor, u: Tensor, m: Tensor, t: Tensor, tau: float, ti: int, tj: int, bf16: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Symmetric InfoNCE -> ``(loss [], lse_row [B], lse_col [B])``; the log-sum-exps feed the backward pass."""
-    loss, lse_row, lse_col = _pair_forward(Op.SOFTMAX_LOSS, k, v, q, u, m, t=t, tau=tau, tiles=(ti, tj))
+    loss, lse_row, lse_col = _pair_forward(Op.SOFTMAX_LOSS, k, v, q, u, m, t=t, tau=tau, tiles=(ti, tj), bf16=bf16)
     return loss, lse_row, lse_col
 
 
@@ -412,8 +437,10 @@ def _softmax_loss_backward(
     tau: float,
     ti: int,
     tj: int,
+    bf16: bool,
 ) -> Grads6:
-    out = _pair_backward(Op.SOFTMAX_LOSS, grad, k, v, q, u, m, t=t, lse=(lse_row, lse_col), tau=tau, tiles=(ti, tj))
+    lse = (lse_row, lse_col)
+    out = _pair_backward(Op.SOFTMAX_LOSS, grad, k, v, q, u, m, t=t, lse=lse, tau=tau, tiles=(ti, tj), bf16=bf16)
     return tuple(out[:6])
 
 
@@ -434,34 +461,54 @@ differentiate_with(cpu_softmax_loss, cpu_softmax_loss_backward, tensor_inputs=6,
 # Entry points
 
 
+def bf16_products(dtype: torch.dtype) -> bool:
+    """Whether inputs of ``dtype`` take the kernel's bf16 products: bf16 operands into every pair product (scores,
+    value scores, ``G_i a`` and the gradient products) with float32 accumulation, on oneDNN's bf16 GEMM
+    micro-kernel. Only bfloat16 inputs do, and only where that micro-kernel runs (AVX512-BF16 or AMX CPUs); float16
+    inputs are converted to float32 instead (exactly: bf16 operands would drop 3 of their mantissa bits, and the
+    CPUs at hand have no fast fp16 products), as are bf16 inputs on other CPUs."""
+    return dtype == torch.bfloat16 and _bf16_products_available()
+
+
+@torch.compiler.assume_constant_result
+def _bf16_products_available() -> bool:
+    """The extension's one-time check of the bf16 micro-kernel (False when the extension does not build)."""
+    try:
+        return bool(extension().bf16_products_available())
+    except _build.ExtensionBuildError:
+        return False
+
+
 def _prepare(k, v, q, y, w_out):
     """Float32 inputs plus the per-text ``U = y_hat W_out^T: [Bt, H, d]`` and ``M = W_out W_out^T: [D, D]`` (from
-    which the kernel forms each image's Gram matrix as it goes). Plain torch: autograd carries dU and dM back."""
+    which the kernel forms each image's Gram matrix as it goes), the tile sizes and whether the products take
+    bf16 operands. Plain torch: autograd carries dU and dM back, and the gradients of the float32 copies back to
+    the inputs' dtype. (bf16 inputs are exact in float32; the kernel rounds its operands back to bf16.)"""
     Bi, H, K, d = k.shape
     kf, vf, qf = k.float().contiguous(), v.float().contiguous(), q.float().contiguous()
     wf = w_out.float()
     u = text_projection(y.float(), wf).view(q.shape[0], H, d)
     ti, tj = tile_sizes(Bi, q.shape[0], H, K)
-    return kf, vf, qf, u, gram_factor(wf), ti, tj
+    return kf, vf, qf, u, gram_factor(wf), ti, tj, bf16_products(k.dtype)
 
 
 def logits(k, v, q, y, w_out, t, b, *, tau: float) -> torch.Tensor:
     """``t * cos(z_ij, y_j) + b`` -> ``[Bi, Bt]`` float32 (the only Bi*Bt tensor: it is the output)."""
-    kf, vf, qf, u, m, ti, tj = _prepare(k, v, q, y, w_out)
-    return t * cpu_cos(kf, vf, qf, u, m, tau, ti, tj) + b
+    kf, vf, qf, u, m, ti, tj, bf16 = _prepare(k, v, q, y, w_out)
+    return t * cpu_cos(kf, vf, qf, u, m, tau, ti, tj, bf16) + b
 
 
 def sigmoid_loss(k, v, q, y, w_out, t, b, *, tau: float, pos_offset: int | None) -> torch.Tensor:
     """Forward only when no gradient is wanted; otherwise the fused forward+backward sweep (see
     :func:`_sigmoid_loss_fused`): a loss computed under autograd but never backpropagated then costs one
     backward pass more than needed, the trade Liger-style fused losses make too."""
-    kf, vf, qf, u, m, ti, tj = _prepare(k, v, q, y, w_out)
+    kf, vf, qf, u, m, ti, tj, bf16 = _prepare(k, v, q, y, w_out)
     wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (kf, vf, qf, u, m, t, b))
     if wants_grad:
-        return cpu_sigmoid_loss_fused(kf, vf, qf, u, m, t, b, tau, pos_offset, ti, tj)[0]
-    return cpu_sigmoid_loss(kf, vf, qf, u, m, t, b, tau, pos_offset, ti, tj)
+        return cpu_sigmoid_loss_fused(kf, vf, qf, u, m, t, b, tau, pos_offset, ti, tj, bf16)[0]
+    return cpu_sigmoid_loss(kf, vf, qf, u, m, t, b, tau, pos_offset, ti, tj, bf16)
 
 
 def softmax_loss(k, v, q, y, w_out, t, *, tau: float) -> torch.Tensor:
-    kf, vf, qf, u, m, ti, tj = _prepare(k, v, q, y, w_out)
-    return cpu_softmax_loss(kf, vf, qf, u, m, t, tau, ti, tj)[0]
+    kf, vf, qf, u, m, ti, tj, bf16 = _prepare(k, v, q, y, w_out)
+    return cpu_softmax_loss(kf, vf, qf, u, m, t, tau, ti, tj, bf16)[0]

@@ -5,6 +5,7 @@ within 2x the same-dtype torch error + a floor). The first test to run builds th
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,11 @@ _why = cpu_backend.environment_reasons()
 pytestmark = pytest.mark.skipif(bool(_why), reason="cpu backend unavailable: " + "; ".join(_why))
 
 OPS = ("logits", "sigmoid_loss", "softmax_loss")
+
+
+def _products():
+    """The kernel's products to test: float32, and bf16 operands where this CPU runs them."""
+    return (False, True) if cpu_backend.bf16_products(torch.bfloat16) else (False,)
 
 
 @pytest.fixture
@@ -71,13 +77,53 @@ def test_sigmoid_pos_offsets(pos_offset, small_tiles):
     check_op_against_reference("sigmoid_loss", x, "cpu", pos_offset=pos_offset)
 
 
+# bf16 inputs take the bf16 products where the CPU has them (csrc/cpu/bf16_products.cpp; float32 elsewhere): the
+# same rule against the reference, on the odd shapes (d = 47 and odd Bt: the padded reductions of the VNNI packs;
+# odd K and H*K), every adversarial kind on many ragged tiles and several backward passes, and the positives.
+BF16_SHAPES = [*SHAPES, pytest.param((6, 9, 3, 3, 47), id="Bi6-Bt9-H3-K3-d47")]
+
+
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("kind", ["gaussian", "peaked", "non_unit"])
-def test_bf16(op, kind):
-    check_op_against_reference(op, _inputs(op, 7, 12, 2, 5, 48, kind=kind, dtype=torch.bfloat16), "cpu")
+@pytest.mark.parametrize("shape", BF16_SHAPES)
+def test_odd_shapes_bf16(op, shape):
+    check_op_against_reference(op, _inputs(op, *shape, dtype=torch.bfloat16), "cpu", pos_offset=0)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_adversarial_kinds_bf16(op, kind, small_tiles):
+    x = _inputs(op, 9, 13, 2, 5, 47, kind=kind, seed=3, dtype=torch.bfloat16)
+    check_op_against_reference(op, x, "cpu", pos_offset=1)
+
+
+@pytest.mark.parametrize("pos_offset", [0, 3, -2, None])
+def test_sigmoid_pos_offsets_bf16(pos_offset, small_tiles):
+    x = make_llip_inputs(11, 17, 2, 4, 48, kind="large_scale", seed=5, dtype=torch.bfloat16)
+    check_op_against_reference("sigmoid_loss", x, "cpu", pos_offset=pos_offset)
+
+
+def test_bf16_products_run_where_the_cpu_has_them():
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        assert cpu_backend.bf16_products(torch.bfloat16), "this CPU has bf16 dot products: bf16 inputs must use them"
+    assert not cpu_backend.bf16_products(torch.float16) and not cpu_backend.bf16_products(torch.float32)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bf16_products_are_the_path_taken(op, monkeypatch):
+    # Not a vacuous pass: with the bf16 products switched off, the same bf16 call gives other (float32-product)
+    # numbers, so the rule checks above really exercised bf16_products.cpp.
+    if not cpu_backend.bf16_products(torch.bfloat16):
+        pytest.skip("no bf16 products on this CPU: bf16 inputs take the float32 products")
+    x = _inputs(op, 7, 12, 2, 5, 48, seed=4, dtype=torch.bfloat16)
+    fast = run_op(op, x, "cpu")
+    monkeypatch.setattr(cpu_backend, "bf16_products", lambda dtype: False)
+    plain = run_op(op, x, "cpu")
+    assert not torch.equal(fast.grads["w_out"], plain.grads["w_out"]) or not torch.equal(fast.out, plain.out)
 
 
 def test_fp16_upcast():
+    # float16 inputs take the float32 products (exactly converted; bf16 operands would drop mantissa bits).
     check_op_against_reference("sigmoid_loss", make_llip_inputs(6, 9, 2, 3, 48, dtype=torch.float16), "cpu")
 
 
@@ -87,40 +133,45 @@ def test_multi_tile_matches_single_tile(op, small_tiles):
     check_op_against_reference(op, _inputs(op, 10, 19, 2, 6, 48, seed=7), "cpu", pos_offset=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", ["1", "2"])
 @pytest.mark.parametrize("op", OPS)
-def test_bitwise_deterministic(op, threads, small_tiles, monkeypatch):
+def test_bitwise_deterministic(op, threads, dtype, small_tiles, monkeypatch):
     monkeypatch.setenv(settings.CPU_THREADS, threads)
-    x = _inputs(op, 10, 19, 2, 6, 48, seed=11)
+    x = _inputs(op, 10, 19, 2, 6, 48, seed=11, dtype=dtype)
     first = run_op(op, x, "cpu", pos_offset=1)
-    second = run_op(op, x.to(torch.float32), "cpu", pos_offset=1)
+    second = run_op(op, x.to(dtype), "cpu", pos_offset=1)
     assert torch.equal(first.out, second.out)
     for name, g in first.grads.items():
         assert torch.equal(g, second.grads[name]), f"d{name} differs between two identical calls"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", OPS)
-def test_two_threads(op, small_tiles, monkeypatch):
+def test_two_threads(op, dtype, small_tiles, monkeypatch):
     # Image blocks spread over 2 threads: per-thread scratch and the per-thread partial sums (dQ, dU, dM, the
     # loss rows, the softmax column statistics) merged in thread order, so still bitwise repeatable.
     monkeypatch.setenv(settings.CPU_THREADS, "2")
-    x = _inputs(op, 10, 19, 2, 6, 48, seed=13)
+    x = _inputs(op, 10, 19, 2, 6, 48, seed=13, dtype=dtype)
     check_op_against_reference(op, x, "cpu", pos_offset=1)
-    first, second = (run_op(op, x.to(torch.float32), "cpu", pos_offset=1) for _ in range(2))
+    first, second = (run_op(op, x.to(dtype), "cpu", pos_offset=1) for _ in range(2))
     assert torch.equal(first.out, second.out)
     for name, g in first.grads.items():
         assert torch.equal(g, second.grads[name]), f"d{name} differs between two identical calls"
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("pos_offset", [1, None])
-def test_fused_sigmoid_sweep_matches_forward_then_backward(pos_offset, small_tiles):
+def test_fused_sigmoid_sweep_matches_forward_then_backward(pos_offset, bf16, small_tiles):
     """The training path (loss and gradients in one sweep, scaled by the cotangent afterwards) against the
     forward-only op followed by its own recomputing backward op, for a cotangent that is not 1."""
     x = make_llip_inputs(10, 19, 2, 6, 48, kind="large_scale", seed=17)
     leaves = list(cpu_backend._prepare(x.k, x.v, x.q, x.y, x.w_out))
     k, v, q, u, m = (a.detach().requires_grad_() for a in leaves[:5])
     t, b = x.t.detach().requires_grad_(), x.b.detach().requires_grad_()
-    args = (k, v, q, u, m, t, b, x.tau, pos_offset, 3, 8)
+    if bf16 not in _products():
+        pytest.skip("no bf16 products on this CPU")
+    args = (k, v, q, u, m, t, b, x.tau, pos_offset, 3, 8, bf16)
     cotangent = torch.tensor(0.37)
     fused = torch.ops.llip_kernels.cpu_sigmoid_loss_fused(*args)[0]
     fused_grads = torch.autograd.grad(fused, (k, v, q, u, m, t, b), cotangent)
@@ -129,8 +180,12 @@ def test_fused_sigmoid_sweep_matches_forward_then_backward(pos_offset, small_til
     assert torch.equal(fused, plain), "the sweep's loss must be the forward's, bit for bit"
     for name, a, e in zip(["k", "v", "q", "u", "m", "t", "b"], fused_grads, plain_grads):
         # Same algebra; only where the cotangent multiplies in (per pair in double, or once at the end) differs:
-        # the bound of a float32 sum over every pair.
-        check_same_result(f"d{name}", a, e, dtype=torch.float32, terms=10 * 19)
+        # the bound of a float32 sum over every pair. With bf16 products the cotangent also changes the values
+        # each product operand is rounded from, so the two differ by a few bf16 roundings of the result instead.
+        if bf16:
+            check_same_result(f"d{name}", a, e, dtype=torch.bfloat16, terms=1)
+        else:
+            check_same_result(f"d{name}", a, e, dtype=torch.float32, terms=10 * 19)
 
 
 def test_public_function_takes_the_fused_sweep_only_for_training(monkeypatch):
@@ -177,21 +232,23 @@ def test_workspace_is_bounded():
 def test_opcheck():
     ops = torch.ops.llip_kernels
     x = make_llip_inputs(5, 7, 2, 3, 8, seed=2)
-    k, v, q, u, m, _, _ = (
+    k, v, q, u, m, _, _, _ = (
         a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
         for a in cpu_backend._prepare(x.k, x.v, x.q, x.y, x.w_out)
     )
     t, b = x.t.detach().requires_grad_(), x.b.detach().requires_grad_()
-    torch.library.opcheck(ops.cpu_cos, (k, v, q, u, m, 2.0, 2, 4))
-    torch.library.opcheck(ops.cpu_sigmoid_loss, (k, v, q, u, m, t, b, 2.0, 1, 2, 4))
-    torch.library.opcheck(ops.cpu_sigmoid_loss, (k, v, q, u, m, t, b, 2.0, None, 2, 4))
-    torch.library.opcheck(ops.cpu_sigmoid_loss_fused, (k, v, q, u, m, t, b, 2.0, 1, 2, 4))
+    for bf16 in _products():
+        torch.library.opcheck(ops.cpu_cos, (k, v, q, u, m, 2.0, 2, 4, bf16))
+        torch.library.opcheck(ops.cpu_sigmoid_loss, (k, v, q, u, m, t, b, 2.0, 1, 2, 4, bf16))
+        torch.library.opcheck(ops.cpu_sigmoid_loss, (k, v, q, u, m, t, b, 2.0, None, 2, 4, bf16))
+        torch.library.opcheck(ops.cpu_sigmoid_loss_fused, (k, v, q, u, m, t, b, 2.0, 1, 2, 4, bf16))
     x = make_llip_inputs(5, 5, 2, 3, 8, seed=2)
-    k, v, q, u, m, _, _ = (
+    k, v, q, u, m, _, _, _ = (
         a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
         for a in cpu_backend._prepare(x.k, x.v, x.q, x.y, x.w_out)
     )
-    torch.library.opcheck(ops.cpu_softmax_loss, (k, v, q, u, m, t, 2.0, 2, 4))
+    for bf16 in _products():
+        torch.library.opcheck(ops.cpu_softmax_loss, (k, v, q, u, m, t, 2.0, 2, 4, bf16))
 
 
 def test_refuses_huge_hk_with_reason():
@@ -233,8 +290,8 @@ def _check_loss_against_reference(name, loss, x):
     check_rule(f"{name} sigmoid loss", loss, ref64, same, torch.float32)
 
 
-def _problem(Bi, H, K, d, requires_grad):
-    return LlipProblem("sigmoid_loss", Bi, Bi, H, K, d, torch.float32, torch.device("cpu"), 5.0, requires_grad)
+def _problem(Bi, H, K, d, requires_grad, dtype=torch.float32):
+    return LlipProblem("sigmoid_loss", Bi, Bi, H, K, d, dtype, torch.device("cpu"), 5.0, requires_grad)
 
 
 @pytest.mark.parametrize(
@@ -253,6 +310,22 @@ def test_automatic_choice_follows_the_measured_rule(shape, grad, expected):
     assert chosen is dispatch.load_backend(expected)
     # An explicit request is never overridden by the speed rule.
     assert dispatch.select_backend(_problem(*shape, grad), "cpu") is cpu_backend
+
+
+@pytest.mark.parametrize(
+    ("shape", "grad", "fp32", "bf16"),
+    [
+        ((128, 8, 64, 160), False, "torch", "cpu"),  # G/14 forward: FLOP ratio 1.10, bf16 kernel 1.5x faster
+        ((128, 8, 64, 64), True, "torch", "torch"),  # B/32 training at 128: ratio 1.17, torch 1.5x faster
+        ((128, 8, 32, 64), True, "cpu", "cpu"),  # B/16 training (measured 5x with bf16 products)
+    ],
+)
+def test_automatic_choice_for_bf16_follows_its_own_measured_rule(shape, grad, fp32, bf16):
+    assert dispatch.select_backend(_problem(*shape, grad), None) is dispatch.load_backend(fp32)
+    if not cpu_backend.bf16_products(torch.bfloat16):
+        pytest.skip("no bf16 products on this CPU: bf16 inputs follow the float32 rule")
+    chosen = dispatch.select_backend(_problem(*shape, grad, torch.bfloat16), None)
+    assert chosen is dispatch.load_backend(bf16)
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores")

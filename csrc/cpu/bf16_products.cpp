@@ -1,0 +1,220 @@
+// The Llip CPU kernel's products with bf16 operands and float32 accumulation (bf16 inputs; docs/design.md section 8).
+//
+// The sweeps, the softmax, norms, losses and every reduction are those of llip_cpu.cpp, in float32 / float64; only
+// the GEMM-shaped products change: each operand is rounded to bf16 once, as it is packed (exact for values that came
+// from bf16 inputs), and the products run on oneDNN's bf16 micro-kernel (bf16_gemm.h). B operands are packed in the
+// VNNI layout, so the products are arranged to make the packs cheap:
+//   - per call:  Q^T, U^T (scores) and Q, U (dK, dV), M's rows per head (T_i = V_i M_h);
+//   - per block: K, V (scores), K^T, V^T (dQ^T, dU^T, dM), G_i;
+//   - per tile:  a (G_i a), dS and ddot a in both layouts, (dn2 a)^T.
+// dQ and dU come out transposed (dQ^T = K^T dS), the tiles sum dG^T = a (dn2 a)^T rather than dG, in float32 with
+// the micro-kernel's accumulation across the tiles of a block (dG feeds only bf16-returned gradients, and the
+// float32 sum of at most Bt / Tj partials is 2^-24 per partial, far below bf16's 2^-9), and the backward of the
+// Gram matrices runs on dG^T, which makes dM^T; pair_backward transposes it back.
+
+#include <cstring>
+
+#include "bf16_gemm.h"
+#include "tiles.h"
+
+namespace llip_cpu {
+
+namespace {
+
+// dst [cols, ld_dst] = src [rows, cols]^T in bf16, with a zero pad column when rows is odd.
+void transpose_to_bf16(const float* src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst) {
+  auto* out = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = 0; r < rows; ++r) out[c * ld_dst + r] = bf16_bits(src[r * cols + c]);
+    if (rows & 1) out[c * ld_dst + rows] = 0;
+  }
+}
+
+template <typename T>
+T* ptr(const at::Tensor& x) {
+  return x.data_ptr<T>();
+}
+
+}  // namespace
+
+void prepare_bf16(Inputs& in) {
+  const int64_t H = in.H, d = in.d, D = in.D, Bt = in.Bt;
+  in.dp = round_up2(d), in.Btp = round_up2(Bt);
+  auto b16 = in.qh.options().dtype(at::kBFloat16);
+  in.qT16 = at::zeros({H, in.dp / 2, in.Btp, 2}, b16), in.uT16 = at::zeros({H, in.dp / 2, in.Btp, 2}, b16);
+  in.q16 = at::empty({H, in.Btp / 2, d, 2}, b16), in.u16 = at::empty({H, in.Btp / 2, d, 2}, b16);
+  in.m16 = at::empty({H, in.dp / 2, D, 2}, b16);
+  for (int64_t h = 0; h < H; ++h) {
+    const float* q = ptr<float>(in.qh[h]);
+    const float* u = ptr<float>(in.uh[h]);
+    pack_vnni_transposed(q, d, Bt, d, ptr<bf16>(in.qT16[h]), in.Btp);
+    pack_vnni_transposed(u, d, Bt, d, ptr<bf16>(in.uT16[h]), in.Btp);
+    pack_vnni(q, d, Bt, d, ptr<bf16>(in.q16[h]), d);
+    pack_vnni(u, d, Bt, d, ptr<bf16>(in.u16[h]), d);
+    pack_vnni(ptr<float>(in.mh[h]), D, d, D, ptr<bf16>(in.m16[h]), D);
+  }
+}
+
+void make_bf16_scratch(const Inputs& in, bool backward, Bf16Scratch& s) {
+  auto b16 = in.v.options().dtype(at::kBFloat16);
+  auto f32 = in.v.options();
+  const int64_t H = in.H, K = in.K, d = in.d, D = in.D, HK = in.HK, HKp = round_up2(HK);
+  const int64_t tiK = in.Ti * K, tiKp = round_up2(tiK), Tjp = round_up2(in.Tj);
+  s.kb16 = at::empty({H * tiK * in.dp}, b16), s.vb16 = at::empty({H * tiK * in.dp}, b16);
+  s.G16 = at::empty({in.Ti * HK * HKp}, b16);
+  s.Tt16 = at::empty({in.dp * HK}, b16);
+  s.A16v = at::empty({in.Ti * HKp * in.Tj}, b16);
+  if (!backward) return;
+  s.kbT16 = at::empty({H * d * tiKp}, b16), s.vbT16 = at::empty({H * d * tiKp}, b16);
+  s.S16 = at::empty({H * tiK * Tjp}, b16), s.C16 = at::empty({H * tiK * Tjp}, b16);
+  s.S16v = at::empty({H * tiKp * in.Tj}, b16), s.C16v = at::empty({H * tiKp * in.Tj}, b16);
+  s.A16 = at::empty({in.Ti * HK * Tjp}, b16), s.PT16v = at::empty({in.Ti * Tjp * HK}, b16);
+  // E16's products read K rounded up to even columns from each head's first: with K odd, the last head's read
+  // runs one element past the matrix, onto these zeros.
+  s.Gsym16 = at::empty({HK * HKp}, b16), s.E16 = at::zeros({HK * HKp + 2}, b16);
+  s.T16v = at::empty({HKp * D}, b16);
+  s.V16v = at::empty({round_up2(K) * d}, b16);
+  s.Z = at::empty({HK * D}, f32), s.Zb = at::empty({H * tiK * D}, f32), s.Zb16v = at::empty({tiKp * D}, b16);
+  s.part = at::empty({std::max(K * d, d * D)}, f32);
+}
+
+// The block's operands: keys and values (and their transposes for the backward pass), then G_i with
+// T_i[h] = V_i[h] M_h ([K, dp] x [dp, D]) and G_i's row blocks G_i[(g,m), :] = V_i[g,m] T_i[:, g-block]^T
+// ([K, dp] x [dp, HK]) as in llip_cpu.cpp's gram_block; G is rounded to bf16 once more as the A of G_i a.
+void gram_block_bf16(const Inputs& in, int64_t ti, Scratch& sc) {
+  Bf16Scratch& b = sc.b16;
+  const int64_t H = in.H, K = in.K, d = in.d, dp = in.dp, D = in.D, HK = in.HK, HKp = round_up2(HK);
+  const int64_t tiK = ti * K, tiKp = round_up2(tiK);
+  const float* kb = ptr<float>(sc.kb);
+  const float* vb = ptr<float>(sc.vb);
+  to_bf16_rows(kb, d, H * tiK, d, ptr<bf16>(b.kb16), dp);
+  to_bf16_rows(vb, d, H * tiK, d, ptr<bf16>(b.vb16), dp);
+  if (b.kbT16.defined()) {  // backward
+    for (int64_t h = 0; h < H; ++h) {
+      transpose_to_bf16(kb + h * tiK * d, tiK, d, ptr<bf16>(b.kbT16) + h * d * tiKp, tiKp);
+      transpose_to_bf16(vb + h * tiK * d, tiK, d, ptr<bf16>(b.vbT16) + h * d * tiKp, tiKp);
+    }
+  }
+  const bf16* v16 = ptr<bf16>(b.vb16);
+  bf16* tt16 = ptr<bf16>(b.Tt16);
+  for (int64_t i = 0; i < ti; ++i) {
+    float* Ti = ptr<float>(sc.T) + i * HK * D;
+    float* Gi = ptr<float>(sc.G) + i * HK * HK;
+    for (int64_t h = 0; h < H; ++h)
+      gemm_bf16(K, D, dp, v16 + (h * tiK + i * K) * dp, dp, ptr<bf16>(in.m16) + h * dp * D, D, Ti + h * K * D, D,
+                false);
+    for (int64_t g = 0; g < H; ++g) {
+      pack_vnni_transposed(Ti + g * d, D, HK, d, tt16, HK);
+      gemm_bf16(K, HK, dp, v16 + (g * tiK + i * K) * dp, dp, tt16, HK, Gi + g * K * HK, HK, false);
+    }
+    to_bf16_rows(Gi, HK, HK, HK, ptr<bf16>(b.G16) + i * HK * HKp, HKp);
+  }
+}
+
+// S_h = K_h Q_h^T and C_h = V_h U_h^T for the tile's texts: [ti*K, dp] x [dp, tj] from the VNNI columns j0.. of
+// the packed Q^T / U^T.
+void tile_scores_bf16(const Inputs& in, Scratch& sc, const Tile& t) {
+  const int64_t tiK = t.ti * in.K, dp = in.dp, tj = t.tj, per_head = dp * in.Btp;
+  for (int64_t h = 0; h < in.H; ++h) {
+    gemm_bf16(tiK, tj, dp, ptr<bf16>(sc.b16.kb16) + h * tiK * dp, dp, ptr<bf16>(in.qT16) + h * per_head + 2 * t.j0,
+              in.Btp, ptr<float>(sc.S) + h * tiK * tj, tj, false);
+    gemm_bf16(tiK, tj, dp, ptr<bf16>(sc.b16.vb16) + h * tiK * dp, dp, ptr<bf16>(in.uT16) + h * per_head + 2 * t.j0,
+              in.Btp, ptr<float>(sc.C) + h * tiK * tj, tj, false);
+  }
+}
+
+// P_i = G_i a_i for every text of the tile: [HK, HKp] x VNNI of a_i [HKp, tj], per image.
+void tile_gram_a_bf16(const Inputs& in, Scratch& sc, const Tile& t) {
+  const int64_t HK = in.HK, HKp = round_up2(HK), tj = t.tj;
+  for (int64_t i = 0; i < t.ti; ++i) {
+    bf16* av = ptr<bf16>(sc.b16.A16v) + i * HKp * tj;
+    pack_vnni(ptr<float>(sc.A) + i * HK * tj, tj, HK, tj, av, tj);
+    gemm_bf16(HK, tj, HKp, ptr<bf16>(sc.b16.G16) + i * HK * HKp, HKp, av, tj, ptr<float>(sc.P) + i * HK * tj, tj,
+              false);
+  }
+}
+
+// The gradient products of one tile. On entry S holds dS and C holds ddot * a ([H, ti*K, tj]), P holds dn2 * a
+// and A holds a ([ti, HK, tj]), all float32. The tile's float32 partials join the block's dK, dV (float64, in
+// sc.dkb / sc.dvb) and the pass's dQ^T, dU^T (float64 [H, d, pass_len], this tile's texts from column jp);
+// dG_i^T += a_i (dn2 a_i)^T accumulates in float32 in sc.dGtile (zeroed when the block starts).
+void tile_gradients_bf16(const Inputs& in, Scratch& sc, const Tile& t, double* dq, double* du, int64_t pass_len,
+                         int64_t jp) {
+  Bf16Scratch& b = sc.b16;
+  const int64_t H = in.H, d = in.d, HK = in.HK, ti = t.ti, tj = t.tj;
+  const int64_t tiK = ti * in.K, tiKp = round_up2(tiK), tjp = round_up2(tj);
+  const int64_t per_head = in.Btp * d;  // elements per head of q16 / u16
+  float* part = ptr<float>(sc.tile_out);
+  for (int64_t h = 0; h < H; ++h) {
+    const float* ds = ptr<float>(sc.S) + h * tiK * tj;
+    const float* dc = ptr<float>(sc.C) + h * tiK * tj;
+    bf16* ds16 = ptr<bf16>(b.S16) + h * tiK * tjp;
+    bf16* dc16 = ptr<bf16>(b.C16) + h * tiK * tjp;
+    bf16* ds16v = ptr<bf16>(b.S16v) + h * tiKp * tj;
+    bf16* dc16v = ptr<bf16>(b.C16v) + h * tiKp * tj;
+    to_bf16_rows(ds, tj, tiK, tj, ds16, tjp);
+    to_bf16_rows(dc, tj, tiK, tj, dc16, tjp);
+    pack_vnni(ds, tj, tiK, tj, ds16v, tj);
+    pack_vnni(dc, tj, tiK, tj, dc16v, tj);
+    // dK_h += dS_h Q_h[j0:]: [tiK, tjp] x [tjp, d] (the texts' VNNI rows from j0, which is even); dV_h alike.
+    gemm_bf16(tiK, d, tjp, ds16, tjp, ptr<bf16>(in.q16) + h * per_head + t.j0 * d, d, part, d, false);
+    add_partial(ptr<double>(sc.dkb) + h * tiK * d, part, tiK * d);
+    gemm_bf16(tiK, d, tjp, dc16, tjp, ptr<bf16>(in.u16) + h * per_head + t.j0 * d, d, part, d, false);
+    add_partial(ptr<double>(sc.dvb) + h * tiK * d, part, tiK * d);
+    // dQ_h^T = K_h^T dS_h: [d, tiKp] x [tiKp, tj], row by row into the pass's dQ^T; dU_h^T alike.
+    gemm_bf16(d, tj, tiKp, ptr<bf16>(b.kbT16) + h * d * tiKp, tiKp, ds16v, tj, part, tj, false);
+    for (int64_t c = 0; c < d; ++c) add_partial(dq + (h * d + c) * pass_len + jp, part + c * tj, tj);
+    gemm_bf16(d, tj, tiKp, ptr<bf16>(b.vbT16) + h * d * tiKp, tiKp, dc16v, tj, part, tj, false);
+    for (int64_t c = 0; c < d; ++c) add_partial(du + (h * d + c) * pass_len + jp, part + c * tj, tj);
+  }
+  for (int64_t i = 0; i < ti; ++i) {  // dG_i^T += a_i (dn2 a_i)^T: [HK, tjp] x [tjp, HK]
+    bf16* a16 = ptr<bf16>(b.A16) + i * HK * tjp;
+    bf16* pt16v = ptr<bf16>(b.PT16v) + i * tjp * HK;
+    to_bf16_rows(ptr<float>(sc.A) + i * HK * tj, tj, HK, tj, a16, tjp);
+    pack_vnni_transposed(ptr<float>(sc.P) + i * HK * tj, tj, HK, tj, pt16v, HK);
+    gemm_bf16(HK, HK, tjp, a16, tjp, pt16v, HK, ptr<float>(sc.dGtile) + i * HK * HK, HK, true);
+  }
+}
+
+// llip_cpu.cpp's gram_block_backward on E_i = dG_i^T (what the tiles summed), per image:
+//   dV_i[h] += (E_i + E_i^T)[h rows] T_i[:, h-block]               ([K, HKp] x [HKp, d], symmetric in dG)
+//   Z_i[:, g-block] = E_i[:, g cols] V_i[g]                          ([HK, Kp] x [Kp, d])
+// and per block dM'[h-block, :] += sum_i V_i[h]^T Z_i[h rows]        ([d, (ti K)p] x [(ti K)p, D]),
+// where dM' = sum_i blockdiag(V_i)^T E_i blockdiag(V_i) = dM^T. dv: float64 [Bi, H, K, d]; dm: float64 [D, D].
+void gram_block_backward_bf16(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc, double* dv, double* dm) {
+  Bf16Scratch& b = sc.b16;
+  const int64_t H = in.H, K = in.K, Kp = round_up2(K), d = in.d, D = in.D, HK = in.HK, HKp = round_up2(HK);
+  const int64_t tiK = ti * K, tiKp = round_up2(tiK);
+  auto* gsym = reinterpret_cast<uint16_t*>(ptr<bf16>(b.Gsym16));
+  auto* e16 = reinterpret_cast<uint16_t*>(ptr<bf16>(b.E16));
+  float* part = ptr<float>(b.part);
+  float* Z = ptr<float>(b.Z);
+  float* Zb = ptr<float>(b.Zb);
+  for (int64_t i = 0; i < ti; ++i) {
+    const float* E = ptr<float>(sc.dGtile) + i * HK * HK;
+    for (int64_t r = 0; r < HK; ++r) {
+      for (int64_t c = 0; c < HK; ++c) {
+        gsym[r * HKp + c] = bf16_bits(E[r * HK + c] + E[c * HK + r]);
+        e16[r * HKp + c] = bf16_bits(E[r * HK + c]);
+      }
+      if (HK & 1) gsym[r * HKp + HK] = e16[r * HKp + HK] = 0;
+    }
+    pack_vnni(ptr<float>(sc.T) + i * HK * D, D, HK, D, ptr<bf16>(b.T16v), D);
+    for (int64_t h = 0; h < H; ++h) {
+      gemm_bf16(K, d, HKp, ptr<bf16>(b.Gsym16) + h * K * HKp, HKp, ptr<bf16>(b.T16v) + 2 * h * d, D, part, d, false);
+      add_partial(dv + ((i0 + i) * H + h) * K * d, part, K * d);
+    }
+    for (int64_t g = 0; g < H; ++g) {
+      pack_vnni(ptr<float>(sc.vb) + (g * tiK + i * K) * d, d, K, d, ptr<bf16>(b.V16v), d);
+      gemm_bf16(HK, d, Kp, ptr<bf16>(b.E16) + g * K, HKp, ptr<bf16>(b.V16v), d, Z + g * d, D, false);
+    }
+    for (int64_t h = 0; h < H; ++h) std::memcpy(Zb + (h * tiK + i * K) * D, Z + h * K * D, K * D * sizeof(float));
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    pack_vnni(Zb + h * tiK * D, D, tiK, D, ptr<bf16>(b.Zb16v), D);
+    gemm_bf16(d, D, tiKp, ptr<bf16>(b.vbT16) + h * d * tiKp, tiKp, ptr<bf16>(b.Zb16v), D, part, D, false);
+    add_partial(dm + h * d * D, part, d * D);
+  }
+}
+
+}  // namespace llip_cpu
