@@ -64,11 +64,12 @@ void make_bf16_scratch(const Inputs& in, bool backward, Bf16Scratch& s) {
   s.G16 = at::empty({in.Ti * HK * HKp}, b16);
   s.Tt16 = at::empty({in.dp * HK}, b16);
   s.A16v = at::empty({in.Ti * HKp * in.Tj}, b16);
+  s.A16 = at::empty({in.Ti * HK * Tjp}, b16);
   if (!backward) return;
   s.kbT16 = at::empty({H * d * tiKp}, b16), s.vbT16 = at::empty({H * d * tiKp}, b16);
   s.S16 = at::empty({H * tiK * Tjp}, b16), s.C16 = at::empty({H * tiK * Tjp}, b16);
   s.S16v = at::empty({H * tiKp * in.Tj}, b16), s.C16v = at::empty({H * tiKp * in.Tj}, b16);
-  s.A16 = at::empty({in.Ti * HK * Tjp}, b16), s.PT16v = at::empty({in.Ti * Tjp * HK}, b16);
+  s.P16 = at::empty({HK * Tjp}, b16), s.PT16v = at::empty({in.Ti * Tjp * HK}, b16);
   // E16's products read K rounded up to even columns from each head's first: with K odd, the last head's read
   // runs one element past the matrix, onto these zeros.
   s.Gsym16 = at::empty({HK * HKp}, b16), s.E16 = at::zeros({HK * HKp + 2}, b16);
@@ -76,6 +77,7 @@ void make_bf16_scratch(const Inputs& in, bool backward, Bf16Scratch& s) {
   s.V16v = at::empty({round_up2(K) * d}, b16);
   s.Z = at::empty({HK * D}, f32), s.Zb = at::empty({H * tiK * D}, f32), s.Zb16v = at::empty({tiKp * D}, b16);
   s.part = at::empty({std::max(K * d, d * D)}, f32);
+  s.dk32 = at::empty({H * tiK * d}, f32), s.dv32 = at::empty({H * tiK * d}, f32);
 }
 
 // The block's operands: keys and values (and their transposes for the backward pass), then G_i with
@@ -123,28 +125,32 @@ void tile_scores_bf16(const Inputs& in, Scratch& sc, const Tile& t) {
   }
 }
 
-// P_i = G_i a_i for every text of the tile: [HK, HKp] x VNNI of a_i [HKp, tj], per image.
+// P_i = G_i a_i for every text of the tile: [HK, HKp] x VNNI of a_i [HKp, tj], per image. a_i's plain bf16 copy
+// (A16, also an operand of the tile's dG) is packed on the way.
 void tile_gram_a_bf16(const Inputs& in, Scratch& sc, const Tile& t) {
-  const int64_t HK = in.HK, HKp = round_up2(HK), tj = t.tj;
+  const int64_t HK = in.HK, HKp = round_up2(HK), tj = t.tj, tjp = round_up2(tj);
   for (int64_t i = 0; i < t.ti; ++i) {
+    bf16* a16 = ptr<bf16>(sc.b16.A16) + i * HK * tjp;
     bf16* av = ptr<bf16>(sc.b16.A16v) + i * HKp * tj;
-    pack_vnni(ptr<float>(sc.A) + i * HK * tj, tj, HK, tj, av, tj);
+    to_bf16_rows(ptr<float>(sc.A) + i * HK * tj, tj, HK, tj, a16, tjp);
+    pack_vnni_bf16(a16, tjp, HK, tj, av, tj);
     gemm_bf16(HK, tj, HKp, ptr<bf16>(sc.b16.G16) + i * HK * HKp, HKp, av, tj, ptr<float>(sc.P) + i * HK * tj, tj,
               false);
   }
 }
 
 // The gradient products of one tile. On entry S holds dS and C holds ddot * a ([H, ti*K, tj]), P holds dn2 * a
-// and A holds a ([ti, HK, tj]), all float32. The tile's float32 partials join the block's dK, dV (float64, in
-// sc.dkb / sc.dvb) and the pass's dQ^T, dU^T (float64 [H, d, pass_len], this tile's texts from column jp);
-// dG_i^T += a_i (dn2 a_i)^T accumulates in float32 in sc.dGtile (zeroed when the block starts).
-void tile_gradients_bf16(const Inputs& in, Scratch& sc, const Tile& t, double* dq, double* du, int64_t pass_len,
+// and A holds a ([ti, HK, tj]), all float32, and A16 holds a in bf16 (tile_gram_a_bf16). The products accumulate
+// in float32 (the micro-kernel adds into its output): the block's dK, dV in b.dk32 / b.dv32 and dG_i^T += a_i
+// (dn2 a_i)^T in sc.dGtile (all zeroed when the block starts), the pass's dQ^T, dU^T in dq, du ([H, d, pass_len],
+// this tile's texts from column jp). pair_backward moves these float32 sums into float64 ones (docs/design.md
+// section 6) after every block (dK, dV, dG) or every few blocks (dQ, dU), so none has more than a few terms.
+void tile_gradients_bf16(const Inputs& in, Scratch& sc, const Tile& t, float* dq, float* du, int64_t pass_len,
                          int64_t jp) {
   Bf16Scratch& b = sc.b16;
   const int64_t H = in.H, d = in.d, HK = in.HK, ti = t.ti, tj = t.tj;
   const int64_t tiK = ti * in.K, tiKp = round_up2(tiK), tjp = round_up2(tj);
   const int64_t per_head = in.Btp * d;  // elements per head of q16 / u16
-  float* part = ptr<float>(sc.tile_out);
   for (int64_t h = 0; h < H; ++h) {
     const float* ds = ptr<float>(sc.S) + h * tiK * tj;
     const float* dc = ptr<float>(sc.C) + h * tiK * tj;
@@ -154,24 +160,24 @@ void tile_gradients_bf16(const Inputs& in, Scratch& sc, const Tile& t, double* d
     bf16* dc16v = ptr<bf16>(b.C16v) + h * tiKp * tj;
     to_bf16_rows(ds, tj, tiK, tj, ds16, tjp);
     to_bf16_rows(dc, tj, tiK, tj, dc16, tjp);
-    pack_vnni(ds, tj, tiK, tj, ds16v, tj);
-    pack_vnni(dc, tj, tiK, tj, dc16v, tj);
+    pack_vnni_bf16(ds16, tjp, tiK, tj, ds16v, tj);
+    pack_vnni_bf16(dc16, tjp, tiK, tj, dc16v, tj);
     // dK_h += dS_h Q_h[j0:]: [tiK, tjp] x [tjp, d] (the texts' VNNI rows from j0, which is even); dV_h alike.
-    gemm_bf16(tiK, d, tjp, ds16, tjp, ptr<bf16>(in.q16) + h * per_head + t.j0 * d, d, part, d, false);
-    add_partial(ptr<double>(sc.dkb) + h * tiK * d, part, tiK * d);
-    gemm_bf16(tiK, d, tjp, dc16, tjp, ptr<bf16>(in.u16) + h * per_head + t.j0 * d, d, part, d, false);
-    add_partial(ptr<double>(sc.dvb) + h * tiK * d, part, tiK * d);
-    // dQ_h^T = K_h^T dS_h: [d, tiKp] x [tiKp, tj], row by row into the pass's dQ^T; dU_h^T alike.
-    gemm_bf16(d, tj, tiKp, ptr<bf16>(b.kbT16) + h * d * tiKp, tiKp, ds16v, tj, part, tj, false);
-    for (int64_t c = 0; c < d; ++c) add_partial(dq + (h * d + c) * pass_len + jp, part + c * tj, tj);
-    gemm_bf16(d, tj, tiKp, ptr<bf16>(b.vbT16) + h * d * tiKp, tiKp, dc16v, tj, part, tj, false);
-    for (int64_t c = 0; c < d; ++c) add_partial(du + (h * d + c) * pass_len + jp, part + c * tj, tj);
+    gemm_bf16(tiK, d, tjp, ds16, tjp, ptr<bf16>(in.q16) + h * per_head + t.j0 * d, d,
+              ptr<float>(b.dk32) + h * tiK * d, d, true);
+    gemm_bf16(tiK, d, tjp, dc16, tjp, ptr<bf16>(in.u16) + h * per_head + t.j0 * d, d,
+              ptr<float>(b.dv32) + h * tiK * d, d, true);
+    // dQ_h^T += K_h^T dS_h: [d, tiKp] x [tiKp, tj], in place in the pass's dQ^T (columns jp..); dU_h^T alike.
+    gemm_bf16(d, tj, tiKp, ptr<bf16>(b.kbT16) + h * d * tiKp, tiKp, ds16v, tj, dq + h * d * pass_len + jp, pass_len,
+              true);
+    gemm_bf16(d, tj, tiKp, ptr<bf16>(b.vbT16) + h * d * tiKp, tiKp, dc16v, tj, du + h * d * pass_len + jp, pass_len,
+              true);
   }
   for (int64_t i = 0; i < ti; ++i) {  // dG_i^T += a_i (dn2 a_i)^T: [HK, tjp] x [tjp, HK]
     bf16* a16 = ptr<bf16>(b.A16) + i * HK * tjp;
     bf16* pt16v = ptr<bf16>(b.PT16v) + i * tjp * HK;
-    to_bf16_rows(ptr<float>(sc.A) + i * HK * tj, tj, HK, tj, a16, tjp);
-    pack_vnni_transposed(ptr<float>(sc.P) + i * HK * tj, tj, HK, tj, pt16v, HK);
+    to_bf16_rows(ptr<float>(sc.P) + i * HK * tj, tj, HK, tj, ptr<bf16>(b.P16), tjp);
+    transpose_pairs(ptr<bf16>(b.P16), tjp, HK, tj, pt16v, HK);
     gemm_bf16(HK, HK, tjp, a16, tjp, pt16v, HK, ptr<float>(sc.dGtile) + i * HK * HK, HK, true);
   }
 }
@@ -186,19 +192,20 @@ void gram_block_backward_bf16(const Inputs& in, int64_t i0, int64_t ti, Scratch&
   const int64_t H = in.H, K = in.K, Kp = round_up2(K), d = in.d, D = in.D, HK = in.HK, HKp = round_up2(HK);
   const int64_t tiK = ti * K, tiKp = round_up2(tiK);
   auto* gsym = reinterpret_cast<uint16_t*>(ptr<bf16>(b.Gsym16));
-  auto* e16 = reinterpret_cast<uint16_t*>(ptr<bf16>(b.E16));
   float* part = ptr<float>(b.part);
   float* Z = ptr<float>(b.Z);
   float* Zb = ptr<float>(b.Zb);
   for (int64_t i = 0; i < ti; ++i) {
     const float* E = ptr<float>(sc.dGtile) + i * HK * HK;
-    for (int64_t r = 0; r < HK; ++r) {
-      for (int64_t c = 0; c < HK; ++c) {
-        gsym[r * HKp + c] = bf16_bits(E[r * HK + c] + E[c * HK + r]);
-        e16[r * HKp + c] = bf16_bits(E[r * HK + c]);
-      }
-      if (HK & 1) gsym[r * HKp + HK] = e16[r * HKp + HK] = 0;
-    }
+    to_bf16_rows(E, HK, HK, HK, ptr<bf16>(b.E16), HKp);
+    constexpr int64_t kBlock = 32;  // E + E^T by square blocks, so that the transposed reads stay in L1
+    for (int64_t r0 = 0; r0 < HK; r0 += kBlock)
+      for (int64_t c0 = 0; c0 < HK; c0 += kBlock)
+        for (int64_t r = r0; r < std::min(HK, r0 + kBlock); ++r)
+          for (int64_t c = c0; c < std::min(HK, c0 + kBlock); ++c)
+            gsym[r * HKp + c] = bf16_bits(E[r * HK + c] + E[c * HK + r]);
+    if (HK & 1)
+      for (int64_t r = 0; r < HK; ++r) gsym[r * HKp + HK] = 0;
     pack_vnni(ptr<float>(sc.T) + i * HK * D, D, HK, D, ptr<bf16>(b.T16v), D);
     for (int64_t h = 0; h < H; ++h) {
       gemm_bf16(K, d, HKp, ptr<bf16>(b.Gsym16) + h * K * HKp, HKp, ptr<bf16>(b.T16v) + 2 * h * d, D, part, d, false);

@@ -489,16 +489,34 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
     dqh[th] = at::empty(shape, f64), duh[th] = at::empty(shape, f64);
     dm[th] = at::zeros({H, d, H, d}, f64);
   }
+  // bf16 products: their products accumulate dQ^T and dU^T in float32 (dq32, du32), added into the float64 sums
+  // every kFlushBlocks image blocks and at the end of a pass, so each float32 sum has at most kFlushBlocks terms.
+  constexpr int kFlushBlocks = 16;
+  std::vector<at::Tensor> dq32(in.lowp ? nth : 0), du32(in.lowp ? nth : 0);
+  std::vector<int> blocks_since_flush(nth, 0);
+  for (int th = 0; th < static_cast<int>(dq32.size()); ++th)
+    dq32[th] = at::zeros({H, d, pass_len}, f32), du32[th] = at::zeros({H, d, pass_len}, f32);
+  auto flush = [&](int tid) {
+    add_partial(dqh[tid], dq32[tid]), add_partial(duh[tid], du32[tid]);
+    dq32[tid].zero_(), du32[tid].zero_();
+    blocks_since_flush[tid] = 0;
+  };
   int64_t p0 = 0;  // first text of the current pass
   std::vector<double> row_dt(Bi, 0.0), row_db(Bi, 0.0), row_loss(with_loss ? Bi : 0, 0.0);
   const float inv_tau = 1.0f / in.tau;
   auto before = [&](int64_t i0, int64_t ti, Scratch& sc, int) {
     gram_block(in, i0, ti, sc);
     (in.lowp ? sc.dGtile : sc.dG).zero_();  // the bf16 products sum dG^T in float32 (bf16_products.cpp)
+    if (in.lowp) sc.b16.dk32.zero_(), sc.b16.dv32.zero_();
     sc.dkb = sc.dkbuf.narrow(0, 0, ti * in.HK * d).view({H, ti * K, d}).zero_();
     sc.dvb = sc.dvbuf.narrow(0, 0, ti * in.HK * d).view({H, ti * K, d}).zero_();
   };
   auto after = [&](int64_t i0, int64_t ti, Scratch& sc, int tid) {
+    if (in.lowp) {  // the block's float32 dK, dV sums over its text tiles (at most a pass's worth)
+      add_partial(sc.dkb, sc.b16.dk32.narrow(0, 0, sc.dkb.numel()));
+      add_partial(sc.dvb, sc.b16.dv32.narrow(0, 0, sc.dvb.numel()));
+      if (++blocks_since_flush[tid] == kFlushBlocks) flush(tid);
+    }
     dk.narrow(0, i0, ti).add_(sc.dkb.view({H, ti, K, d}).permute({1, 0, 2, 3}));
     dv.narrow(0, i0, ti).add_(sc.dvb.view({H, ti, K, d}).permute({1, 0, 2, 3}));
     if (in.lowp)
@@ -581,8 +599,7 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
     // Gradient GEMMs: image side (dK, dV and dG of the block, per thread) and text side (dQ, dU).
     // Each GEMM writes the tile's float32 partial into tile_out, which joins its float64 sum.
     if (in.lowp) {
-      const int64_t pass_len = dqh[tid].size(2);
-      llip_cpu::tile_gradients_bf16(in, sc, t, dqh[tid].data_ptr<double>(), duh[tid].data_ptr<double>(), pass_len,
+      llip_cpu::tile_gradients_bf16(in, sc, t, dq32[tid].data_ptr<float>(), du32[tid].data_ptr<float>(), pass_len,
                                     t.j0 - p0);
       return;
     }
@@ -607,6 +624,7 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
     const int64_t p1 = std::min(Bt, p0 + Tp);
     for (int th = 0; th < nth; ++th) dqh[th].zero_(), duh[th].zero_();
     for_each_tile(in, scr, p0, p1, before, tile_backward, after);
+    for (int th = 0; th < static_cast<int>(dq32.size()); ++th) flush(th);
     for (int th = 0; th < nth; ++th) {
       auto pass = [&](const at::Tensor& x) {  // [H, n, d] of this pass (bf16 products: stored transposed)
         return in.lowp ? x.narrow(2, 0, p1 - p0).transpose(1, 2) : x.narrow(1, 0, p1 - p0);

@@ -34,13 +34,15 @@ struct Bf16Scratch {
   at::Tensor A16v;            // [ti, HKp/2, tj, 2]: attention a, VNNI (B of G_i a)
   at::Tensor S16, C16;        // [H, ti*K, tjp]: dS and ddot * a (A of dK, dV)
   at::Tensor S16v, C16v;      // [H, (ti*K)p/2, tj, 2]: the same, VNNI (B of dQ^T, dU^T)
-  at::Tensor A16, PT16v;      // [ti, HK, tjp]: a, and [tjp/2, HK, 2]: VNNI of (dn2 * a)^T
+  at::Tensor A16;             // [ti, HK, tjp]: a (A of dG^T)
+  at::Tensor P16, PT16v;      // [HK, tjp]: one image's dn2 * a; [ti, tjp/2, HK, 2]: VNNI of (dn2 * a)^T
   // Backward of the Gram matrices (E_i = dG_i^T, as the tiles sum it).
   at::Tensor Gsym16, E16;     // [HK, HKp] (+ 2 zeros): E_i + E_i^T and E_i
   at::Tensor T16v;            // [HKp/2, D, 2]: VNNI of T_i
   at::Tensor V16v;            // [Kp/2, d, 2]: VNNI of one head's values V_i[g]
   at::Tensor Z, Zb, Zb16v;    // float32 [HK, D]: E_i blockdiag(V_i); [H, ti*K, D]: its rows per head; VNNI of one
   at::Tensor part;            // float32 output of one product before it joins a float64 sum
+  at::Tensor dk32, dv32;      // float32 [H, ti*K, d]: the block's dK, dV summed over its text tiles
 };
 
 // Per-thread scratch.
@@ -80,7 +82,7 @@ void make_bf16_scratch(const Inputs& in, bool backward, Bf16Scratch& s);
 void gram_block_bf16(const Inputs& in, int64_t ti, Scratch& sc);      // G (and the block's packs), after kb / vb
 void tile_scores_bf16(const Inputs& in, Scratch& sc, const Tile& t);  // S and C of a tile
 void tile_gram_a_bf16(const Inputs& in, Scratch& sc, const Tile& t);  // P = G_i a, once A holds a
-void tile_gradients_bf16(const Inputs& in, Scratch& sc, const Tile& t, double* dq, double* du, int64_t pass_len,
+void tile_gradients_bf16(const Inputs& in, Scratch& sc, const Tile& t, float* dq, float* du, int64_t pass_len,
                          int64_t jp);
 void gram_block_backward_bf16(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc, double* dv, double* dm);
 

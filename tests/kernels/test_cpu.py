@@ -102,6 +102,17 @@ def test_sigmoid_pos_offsets_bf16(pos_offset, small_tiles):
     check_op_against_reference("sigmoid_loss", x, "cpu", pos_offset=pos_offset)
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_bf16_many_blocks_per_thread(op, monkeypatch):
+    # One image per block and one thread: 37 blocks, so the float32 dQ / dU sums of the bf16 products are moved
+    # into their float64 totals after blocks 16 and 32 and at the end of each pass of 16 texts.
+    monkeypatch.setattr(cpu_backend, "tile_sizes", lambda Bi, Bt, H, K: (1, min(Bt, 8)))
+    monkeypatch.setattr(cpu_backend, "TEXTS_PER_PASS", 16)
+    monkeypatch.setenv(settings.CPU_THREADS, "1")
+    x = _inputs(op, 37, 19, 2, 3, 24, seed=21, dtype=torch.bfloat16)
+    check_op_against_reference(op, x, "cpu", pos_offset=2)
+
+
 def test_bf16_products_run_where_the_cpu_has_them():
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
     if flags & {"avx512_bf16", "amx_bf16"}:
