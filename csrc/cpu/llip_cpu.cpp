@@ -129,17 +129,17 @@ std::vector<Scratch> make_scratch(const Inputs& in, int64_t n, bool backward) {
     s.dot = at::empty({pairs}, opts), s.n2 = at::empty({pairs}, opts);
     if (backward) {
       s.ddot = at::empty({pairs}, opts), s.dn2 = at::empty({pairs}, opts);
-      s.dG = at::empty({in.Ti, in.HK, in.HK}, opts.dtype(at::kDouble));
       s.dGtile = at::empty({in.Ti, in.HK, in.HK}, opts);
+    }
+    if (backward && !in.lowp) {  // the float32 products' gradient buffers (bf16 products: Scratch::b16)
+      s.dG = at::empty({in.Ti, in.HK, in.HK}, opts.dtype(at::kDouble));
       s.tile_out = at::empty({std::max(in.Ti * in.K, in.Tj) * in.d}, opts);
       s.dm_tile = at::empty({in.D, in.d}, opts);
-    }
-    s.G = at::empty({in.Ti, in.HK, in.HK}, opts);
-    s.T = at::empty({in.Ti, in.HK, in.D}, opts);
-    if (backward) {
       s.gs = at::empty({in.HK, in.HK}, opts), s.Y = at::empty({in.D, in.HK}, opts);
       s.Ybuf = at::empty({in.H, in.D, in.Ti * in.K}, opts);
     }
+    s.G = at::empty({in.Ti, in.HK, in.HK}, opts);
+    s.T = at::empty({in.Ti, in.HK, in.D}, opts);
     s.kbuf = at::empty({in.Ti * in.HK * in.d}, opts), s.vbuf = at::empty({in.Ti * in.HK * in.d}, opts);
     if (backward) {
       s.dkbuf = at::empty({in.Ti * in.HK * in.d}, opts.dtype(at::kDouble));
@@ -485,7 +485,7 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
   // (bf16 products: dQ^T and dU^T, [H, d, pass_len], the layout their products leave.)
   std::vector<at::Tensor> dqh(nth), duh(nth), dm(nth);
   for (int th = 0; th < nth; ++th) {
-    const std::vector<int64_t> shape = in.lowp ? std::vector<int64_t>{H, d, pass_len} : std::vector<int64_t>{H, pass_len, d};
+    const auto shape = in.lowp ? std::vector<int64_t>{H, d, pass_len} : std::vector<int64_t>{H, pass_len, d};
     dqh[th] = at::empty(shape, f64), duh[th] = at::empty(shape, f64);
     dm[th] = at::zeros({H, d, H, d}, f64);
   }
@@ -596,8 +596,8 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
         }
       }
     }
-    // Gradient GEMMs: image side (dK, dV and dG of the block, per thread) and text side (dQ, dU).
-    // Each GEMM writes the tile's float32 partial into tile_out, which joins its float64 sum.
+    // Gradient GEMMs: image side (dK, dV and dG of the block, per thread) and text side (dQ, dU). With float32
+    // products each GEMM writes the tile's float32 partial into tile_out, which joins its float64 sum.
     if (in.lowp) {
       llip_cpu::tile_gradients_bf16(in, sc, t, dq32[tid].data_ptr<float>(), du32[tid].data_ptr<float>(), pass_len,
                                     t.j0 - p0);

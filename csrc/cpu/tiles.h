@@ -53,6 +53,7 @@ struct Scratch {
   at::Tensor ddot, dn2;       // [Ti * Tj] (backward)
   at::Tensor G, dG;           // [Ti, HK, HK]
   at::Tensor T;               // [Ti, HK, D]: rows V_i[h,k] M_h (M's rows of head h), shared by G and its backward
+  // float32 products only: dG, gs, Y, Ybuf, tile_out, dm_tile (bf16 products: b16)
   at::Tensor gs, Y, Ybuf;     // backward of G: [HK, HK], [D, HK] per image, [H, D, Ti*K] per block
   at::Tensor kbuf, vbuf;      // the block's keys / values, head-major [H, ti*K, d] (one row range per head)
   at::Tensor dkbuf, dvbuf;    // their gradients, summed over the text tiles of the block in float64

@@ -119,8 +119,8 @@ def extension():
 
 
 def _pair_forward(op: Op, k, v, q, u, m, *, t=None, b=None, tau: float, pos_offset=None, tiles, bf16: bool):
-    """One forward sweep of the kernel (see ``pair_forward`` in ``csrc/cpu/llip_cpu.cpp``); ``bf16``: the pair
-    products take bf16 operands (see :func:`bf16_products`)."""
+    """One forward sweep of the kernel (see ``pair_forward`` in ``csrc/cpu/llip_cpu.cpp``); ``bf16``: every
+    product takes bf16 operands (see :func:`bf16_products`)."""
     images_per_tile, texts_per_tile = tiles
     with _kernel_threads():
         return extension().pair_forward(
