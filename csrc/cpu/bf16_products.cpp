@@ -7,10 +7,10 @@
 //   - per call:  Q^T, U^T (scores) and Q, U (dK, dV), M's rows per head (T_i = V_i M_h);
 //   - per block: K, V (scores), K^T, V^T (dQ^T, dU^T, dM), G_i;
 //   - per tile:  a (G_i a), dS and ddot a in both layouts, (dn2 a)^T.
-// dQ and dU come out transposed (dQ^T = K^T dS), the tiles sum dG^T = a (dn2 a)^T rather than dG, in float32 with
-// the micro-kernel's accumulation across the tiles of a block (dG feeds only bf16-returned gradients, and the
-// float32 sum of at most Bt / Tj partials is 2^-24 per partial, far below bf16's 2^-9), and the backward of the
-// Gram matrices runs on dG^T, which makes dM^T; pair_backward transposes it back.
+// dQ and dU come out transposed (dQ^T = K^T dS), the tiles sum dG^T = a (dn2 a)^T rather than dG, and the backward
+// of the Gram matrices runs on dG^T, which makes dM^T; pair_backward transposes it back. The gradient products
+// accumulate in float32 in the micro-kernel across at most a pass's tiles of one block (dK, dV, dG) or 16 blocks
+// (dQ, dU) before pair_backward adds them into float64: 2^-24 per partial, far below the 2^-9 of the bf16 gradients.
 
 #include <cstring>
 
