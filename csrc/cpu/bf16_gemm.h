@@ -19,6 +19,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 namespace llip_cpu {
 
 using bf16 = c10::BFloat16;
@@ -114,22 +118,47 @@ inline void pack_vnni_bf16(const bf16* src, int64_t ld_src, int64_t rows, int64_
   }
 }
 
-// pack_vnni_transposed from a bf16 copy of src [rows, cols] (row-major, ld_src even, cols padded to even with a
-// zero column): the VNNI pair (src[r, 2p], src[r, 2p + 1]) is already one 32-bit word of src, so the packing is a
-// transpose of 32-bit words, done in 16 x 16 blocks that stay in L1.
-inline void transpose_pairs(const bf16* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst) {
-  const auto* in = reinterpret_cast<const uint32_t*>(src);
-  auto* out = reinterpret_cast<uint32_t*>(dst);
-  const int64_t pairs = (cols + 1) / 2, ld_in = ld_src / 2;
-  constexpr int64_t kBlock = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-    const int64_t r1 = std::min(rows, r0 + kBlock);
-    for (int64_t p0 = 0; p0 < pairs; p0 += kBlock) {
-      const int64_t p1 = std::min(pairs, p0 + kBlock);
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t p = p0; p < p1; ++p) out[p * ld_dst + r] = in[r * ld_in + p];
+// out[c, r] = in[r, c] for a [rows, cols] block of 32-bit elements (ld_in / ld_out elements per row): 8 x 8 blocks
+// transposed in AVX2 registers where the build has AVX2, the edges (and other builds) element by element.
+inline void transpose32(const uint32_t* in, int64_t ld_in, int64_t rows, int64_t cols, uint32_t* out, int64_t ld_out) {
+  int64_t r8 = 0, c8 = 0;
+#ifdef __AVX2__
+  r8 = rows & ~int64_t{7}, c8 = cols & ~int64_t{7};
+  for (int64_t r0 = 0; r0 < r8; r0 += 8) {
+    for (int64_t c0 = 0; c0 < c8; c0 += 8) {
+      __m256 x[8], y[8];
+      for (int k = 0; k < 8; ++k) x[k] = _mm256_loadu_ps(reinterpret_cast<const float*>(in + (r0 + k) * ld_in + c0));
+      for (int k = 0; k < 8; k += 2) {  // rows a, b -> (a0 b0 a1 b1 | a4 b4 a5 b5), (a2 b2 a3 b3 | a6 b6 a7 b7)
+        y[k] = _mm256_unpacklo_ps(x[k], x[k + 1]);
+        y[k + 1] = _mm256_unpackhi_ps(x[k], x[k + 1]);
+      }
+      for (int k = 0; k < 8; k += 4) {  // -> (a0 b0 c0 d0 | a4 b4 c4 d4), columns 1, 2, 3 likewise
+        x[k] = _mm256_shuffle_ps(y[k], y[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        x[k + 1] = _mm256_shuffle_ps(y[k], y[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        x[k + 2] = _mm256_shuffle_ps(y[k + 1], y[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        x[k + 3] = _mm256_shuffle_ps(y[k + 1], y[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int k = 0; k < 4; ++k) {  // the 128-bit halves of rows 0-3 and 4-7 joined: output rows k and k + 4
+        _mm256_storeu_ps(reinterpret_cast<float*>(out + (c0 + k) * ld_out + r0),
+                         _mm256_permute2f128_ps(x[k], x[k + 4], 0x20));
+        _mm256_storeu_ps(reinterpret_cast<float*>(out + (c0 + k + 4) * ld_out + r0),
+                         _mm256_permute2f128_ps(x[k], x[k + 4], 0x31));
+      }
     }
   }
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t c_begin = r < r8 ? c8 : 0;  // rows of whole 8 x 8 blocks: only their ragged columns are left
+    for (int64_t c = c_begin; c < cols; ++c) out[c * ld_out + r] = in[r * ld_in + c];
+  }
+}
+
+// pack_vnni_transposed from a bf16 copy of src [rows, cols] (row-major, ld_src even, cols padded to even with a
+// zero column): the VNNI pair (src[r, 2p], src[r, 2p + 1]) is already one 32-bit word of src, so the packing is a
+// transpose of 32-bit words.
+inline void transpose_pairs(const bf16* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst) {
+  transpose32(reinterpret_cast<const uint32_t*>(src), ld_src / 2, rows, (cols + 1) / 2, reinterpret_cast<uint32_t*>(dst),
+              ld_dst);
 }
 
 // C[M, N] (+)= A[M, K] B[K, N]: A bf16 row-major (lda elements per row), B bf16 VNNI (ldb column pairs per row

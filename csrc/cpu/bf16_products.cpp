@@ -21,13 +21,10 @@ namespace llip_cpu {
 
 namespace {
 
-// dst [cols, ld_dst] = src [rows, cols]^T in bf16, with a zero pad column when rows is odd.
-void transpose_to_bf16(const float* src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst) {
-  auto* out = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t c = 0; c < cols; ++c) {
-    for (int64_t r = 0; r < rows; ++r) out[c * ld_dst + r] = bf16_bits(src[r * cols + c]);
-    if (rows & 1) out[c * ld_dst + rows] = 0;
-  }
+// dst [cols, ld_dst] = src [rows, cols]^T in bf16, with a zero pad column when rows is odd; tmp: rows * cols floats.
+void transpose_to_bf16(const float* src, int64_t rows, int64_t cols, float* tmp, bf16* dst, int64_t ld_dst) {
+  transpose32(reinterpret_cast<const uint32_t*>(src), cols, rows, cols, reinterpret_cast<uint32_t*>(tmp), rows);
+  to_bf16_rows(tmp, rows, cols, rows, dst, ld_dst);
 }
 
 template <typename T>
@@ -57,57 +54,66 @@ void prepare_bf16(Inputs& in) {
 
 void make_bf16_scratch(const Inputs& in, bool backward, Bf16Scratch& s) {
   auto b16 = in.v.options().dtype(at::kBFloat16);
-  auto f32 = in.v.options();
+  auto f32 = in.v.options().dtype(at::kFloat);
   const int64_t H = in.H, K = in.K, d = in.d, D = in.D, HK = in.HK, HKp = round_up2(HK);
   const int64_t tiK = in.Ti * K, tiKp = round_up2(tiK), Tjp = round_up2(in.Tj);
   s.kb16 = at::empty({H * tiK * in.dp}, b16), s.vb16 = at::empty({H * tiK * in.dp}, b16);
   s.G16 = at::empty({in.Ti * HK * HKp}, b16);
-  s.Tt16 = at::empty({in.dp * HK}, b16);
+  s.T16 = at::empty({HK * H * in.dp}, b16);
+  s.Vt16v = at::empty({in.dp * K}, b16);
   s.A16v = at::empty({in.Ti * HKp * in.Tj}, b16);
   s.A16 = at::empty({in.Ti * HK * Tjp}, b16);
   if (!backward) return;
   s.kbT16 = at::empty({H * d * tiKp}, b16), s.vbT16 = at::empty({H * d * tiKp}, b16);
+  s.transposed = at::empty({d * tiK}, f32);
+  s.T16v = at::empty({in.Ti * HKp * H * in.dp}, b16);
   s.S16 = at::empty({H * tiK * Tjp}, b16), s.C16 = at::empty({H * tiK * Tjp}, b16);
   s.S16v = at::empty({H * tiKp * in.Tj}, b16), s.C16v = at::empty({H * tiKp * in.Tj}, b16);
-  s.P16 = at::empty({HK * Tjp}, b16), s.PT16v = at::empty({in.Ti * Tjp * HK}, b16);
+  s.P16 = at::empty({in.Ti * HK * Tjp}, b16), s.PT16v = at::empty({in.Ti * Tjp * HK}, b16);
   // E16's products read K rounded up to even columns from each head's first: with K odd, the last head's read
   // runs one element past the matrix, onto these zeros.
-  s.Gsym16 = at::empty({HK * HKp}, b16), s.E16 = at::zeros({HK * HKp + 2}, b16);
-  s.T16v = at::empty({HKp * D}, b16);
+  s.E16 = at::zeros({HK * HKp + 2}, b16);
   s.V16v = at::empty({round_up2(K) * d}, b16);
   s.Z = at::empty({HK * D}, f32), s.Zb = at::empty({H * tiK * D}, f32), s.Zb16v = at::empty({tiKp * D}, b16);
   s.part = at::empty({std::max(K * d, d * D)}, f32);
   s.dk32 = at::empty({H * tiK * d}, f32), s.dv32 = at::empty({H * tiK * d}, f32);
 }
 
-// The block's operands: keys and values (and their transposes for the backward pass), then G_i with
-// T_i[h] = V_i[h] M_h ([K, dp] x [dp, D]) and G_i's row blocks G_i[(g,m), :] = V_i[g,m] T_i[:, g-block]^T
-// ([K, dp] x [dp, HK]) as in llip_cpu.cpp's gram_block; G is rounded to bf16 once more as the A of G_i a.
+// The block's operands: keys and values (and their transposes for the backward pass), then per image
+// T_i[h] = V_i[h] M_h ([K, dp] x [dp, D], float32, rounded to bf16 with each head's d columns padded to dp: T16)
+// and G_i by column blocks, G_i[:, g-block] = T_i[:, g-block] V_i[g]^T ([HK, dp] x [dp, K]): G is symmetric, so
+// these are llip_cpu.cpp's row blocks, transposed. G is rounded to bf16 once more as the A of G_i a; the backward
+// pass keeps T_i's VNNI pack (T16v) for the block's end.
 void gram_block_bf16(const Inputs& in, int64_t ti, Scratch& sc) {
   Bf16Scratch& b = sc.b16;
   const int64_t H = in.H, K = in.K, d = in.d, dp = in.dp, D = in.D, HK = in.HK, HKp = round_up2(HK);
-  const int64_t tiK = ti * K, tiKp = round_up2(tiK);
+  const int64_t tiK = ti * K, tiKp = round_up2(tiK), ld_t = H * dp;
   const float* kb = ptr<float>(sc.kb);
   const float* vb = ptr<float>(sc.vb);
   to_bf16_rows(kb, d, H * tiK, d, ptr<bf16>(b.kb16), dp);
   to_bf16_rows(vb, d, H * tiK, d, ptr<bf16>(b.vb16), dp);
-  if (b.kbT16.defined()) {  // backward
+  const bool backward = b.kbT16.defined();
+  if (backward) {
     for (int64_t h = 0; h < H; ++h) {
-      transpose_to_bf16(kb + h * tiK * d, tiK, d, ptr<bf16>(b.kbT16) + h * d * tiKp, tiKp);
-      transpose_to_bf16(vb + h * tiK * d, tiK, d, ptr<bf16>(b.vbT16) + h * d * tiKp, tiKp);
+      float* tmp = ptr<float>(b.transposed);
+      transpose_to_bf16(kb + h * tiK * d, tiK, d, tmp, ptr<bf16>(b.kbT16) + h * d * tiKp, tiKp);
+      transpose_to_bf16(vb + h * tiK * d, tiK, d, tmp, ptr<bf16>(b.vbT16) + h * d * tiKp, tiKp);
     }
   }
   const bf16* v16 = ptr<bf16>(b.vb16);
-  bf16* tt16 = ptr<bf16>(b.Tt16);
+  bf16* t16 = ptr<bf16>(b.T16);
+  bf16* vt16v = ptr<bf16>(b.Vt16v);
+  float* Ti = ptr<float>(sc.T);  // one image at a time
   for (int64_t i = 0; i < ti; ++i) {
-    float* Ti = ptr<float>(sc.T) + i * HK * D;
     float* Gi = ptr<float>(sc.G) + i * HK * HK;
     for (int64_t h = 0; h < H; ++h)
       gemm_bf16(K, D, dp, v16 + (h * tiK + i * K) * dp, dp, ptr<bf16>(in.m16) + h * dp * D, D, Ti + h * K * D, D,
                 false);
+    for (int64_t h = 0; h < H; ++h) to_bf16_rows(Ti + h * d, D, HK, d, t16 + h * dp, ld_t);
+    if (backward) pack_vnni_bf16(t16, ld_t, HK, ld_t, ptr<bf16>(b.T16v) + i * HKp * ld_t, ld_t);
     for (int64_t g = 0; g < H; ++g) {
-      pack_vnni_transposed(Ti + g * d, D, HK, d, tt16, HK);
-      gemm_bf16(K, HK, dp, v16 + (g * tiK + i * K) * dp, dp, tt16, HK, Gi + g * K * HK, HK, false);
+      transpose_pairs(v16 + (g * tiK + i * K) * dp, dp, K, d, vt16v, K);  // VNNI of V_i[g]^T [dp, K]
+      gemm_bf16(HK, K, dp, t16 + g * dp, ld_t, vt16v, K, Gi + g * K, HK, false);
     }
     to_bf16_rows(Gi, HK, HK, HK, ptr<bf16>(b.G16) + i * HK * HKp, HKp);
   }
@@ -125,22 +131,21 @@ void tile_scores_bf16(const Inputs& in, Scratch& sc, const Tile& t) {
   }
 }
 
-// P_i = G_i a_i for every text of the tile: [HK, HKp] x VNNI of a_i [HKp, tj], per image. a_i's plain bf16 copy
-// (A16, also an operand of the tile's dG) is packed on the way.
+// P_i = G_i a_i for every text of the tile: [HK, HKp] x VNNI of a_i [HKp, tj], per image, packed from a_i's plain
+// bf16 copy (A16, written by the softmax loop of compute_tile).
 void tile_gram_a_bf16(const Inputs& in, Scratch& sc, const Tile& t) {
   const int64_t HK = in.HK, HKp = round_up2(HK), tj = t.tj, tjp = round_up2(tj);
   for (int64_t i = 0; i < t.ti; ++i) {
     bf16* a16 = ptr<bf16>(sc.b16.A16) + i * HK * tjp;
     bf16* av = ptr<bf16>(sc.b16.A16v) + i * HKp * tj;
-    to_bf16_rows(ptr<float>(sc.A) + i * HK * tj, tj, HK, tj, a16, tjp);
     pack_vnni_bf16(a16, tjp, HK, tj, av, tj);
     gemm_bf16(HK, tj, HKp, ptr<bf16>(sc.b16.G16) + i * HK * HKp, HKp, av, tj, ptr<float>(sc.P) + i * HK * tj, tj,
               false);
   }
 }
 
-// The gradient products of one tile. On entry S holds dS and C holds ddot * a ([H, ti*K, tj]), P holds dn2 * a
-// and A holds a ([ti, HK, tj]), all float32, and A16 holds a in bf16 (tile_gram_a_bf16). The products accumulate
+// The gradient products of one tile. On entry the bf16 operands hold dS and ddot * a (S16, C16: [H, ti*K, tjp]),
+// dn2 * a and a (P16, A16: [ti, HK, tjp]), as pair_backward's elementwise loop and compute_tile wrote them. The products accumulate
 // in float32 (the micro-kernel adds into its output): the block's dK, dV in b.dk32 / b.dv32 and dG_i^T += a_i
 // (dn2 a_i)^T in sc.dGtile (all zeroed when the block starts), the pass's dQ^T, dU^T in dq, du ([H, d, pass_len],
 // this tile's texts from column jp). pair_backward moves these float32 sums into float64 ones (docs/design.md
@@ -152,14 +157,10 @@ void tile_gradients_bf16(const Inputs& in, Scratch& sc, const Tile& t, float* dq
   const int64_t tiK = ti * in.K, tiKp = round_up2(tiK), tjp = round_up2(tj);
   const int64_t per_head = in.Btp * d;  // elements per head of q16 / u16
   for (int64_t h = 0; h < H; ++h) {
-    const float* ds = ptr<float>(sc.S) + h * tiK * tj;
-    const float* dc = ptr<float>(sc.C) + h * tiK * tj;
     bf16* ds16 = ptr<bf16>(b.S16) + h * tiK * tjp;
     bf16* dc16 = ptr<bf16>(b.C16) + h * tiK * tjp;
     bf16* ds16v = ptr<bf16>(b.S16v) + h * tiKp * tj;
     bf16* dc16v = ptr<bf16>(b.C16v) + h * tiKp * tj;
-    to_bf16_rows(ds, tj, tiK, tj, ds16, tjp);
-    to_bf16_rows(dc, tj, tiK, tj, dc16, tjp);
     pack_vnni_bf16(ds16, tjp, tiK, tj, ds16v, tj);
     pack_vnni_bf16(dc16, tjp, tiK, tj, dc16v, tj);
     // dK_h += dS_h Q_h[j0:]: [tiK, tjp] x [tjp, d] (the texts' VNNI rows from j0, which is even); dV_h alike.
@@ -176,43 +177,37 @@ void tile_gradients_bf16(const Inputs& in, Scratch& sc, const Tile& t, float* dq
   for (int64_t i = 0; i < ti; ++i) {  // dG_i^T += a_i (dn2 a_i)^T: [HK, tjp] x [tjp, HK]
     bf16* a16 = ptr<bf16>(b.A16) + i * HK * tjp;
     bf16* pt16v = ptr<bf16>(b.PT16v) + i * tjp * HK;
-    to_bf16_rows(ptr<float>(sc.P) + i * HK * tj, tj, HK, tj, ptr<bf16>(b.P16), tjp);
-    transpose_pairs(ptr<bf16>(b.P16), tjp, HK, tj, pt16v, HK);
+    transpose_pairs(ptr<bf16>(b.P16) + i * HK * tjp, tjp, HK, tj, pt16v, HK);
     gemm_bf16(HK, HK, tjp, a16, tjp, pt16v, HK, ptr<float>(sc.dGtile) + i * HK * HK, HK, true);
   }
 }
 
 // llip_cpu.cpp's gram_block_backward on E_i = dG_i^T (what the tiles summed), per image:
-//   dV_i[h] += (E_i + E_i^T)[h rows] T_i[:, h-block]               ([K, HKp] x [HKp, d], symmetric in dG)
+//   dV_i[h] += 2 E_i[h rows] T_i[:, h-block]                       ([K, HKp] x [HKp, d])
 //   Z_i[:, g-block] = E_i[:, g cols] V_i[g]                          ([HK, Kp] x [Kp, d])
 // and per block dM'[h-block, :] += sum_i V_i[h]^T Z_i[h rows]        ([d, (ti K)p] x [(ti K)p, D]),
-// where dM' = sum_i blockdiag(V_i)^T E_i blockdiag(V_i) = dM^T. dv: float64 [Bi, H, K, d]; dm: float64 [D, D].
-void gram_block_backward_bf16(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc, double* dv, double* dm) {
+// where dM' = sum_i blockdiag(V_i)^T E_i blockdiag(V_i) = dM^T. E_i = sum_j dn2_ij a_ij a_ij^T is symmetric, so
+// the (dG + dG^T) of the float32 path is 2 E_i here (the two differ by the bf16 rounding of its factors). dV goes
+// into the block's float64 sums (sc.dvb, [H, ti*K, d]); dm: float64 [D, D].
+void gram_block_backward_bf16(const Inputs& in, int64_t ti, Scratch& sc, double* dm) {
   Bf16Scratch& b = sc.b16;
-  const int64_t H = in.H, K = in.K, Kp = round_up2(K), d = in.d, D = in.D, HK = in.HK, HKp = round_up2(HK);
-  const int64_t tiK = ti * K, tiKp = round_up2(tiK);
-  auto* gsym = reinterpret_cast<uint16_t*>(ptr<bf16>(b.Gsym16));
+  const int64_t H = in.H, K = in.K, Kp = round_up2(K), d = in.d, dp = in.dp, D = in.D, HK = in.HK;
+  const int64_t HKp = round_up2(HK), tiK = ti * K, tiKp = round_up2(tiK), ld_t = H * dp;
   float* part = ptr<float>(b.part);
   float* Z = ptr<float>(b.Z);
   float* Zb = ptr<float>(b.Zb);
+  double* dvb = ptr<double>(sc.dvb);
   for (int64_t i = 0; i < ti; ++i) {
-    const float* E = ptr<float>(sc.dGtile) + i * HK * HK;
-    to_bf16_rows(E, HK, HK, HK, ptr<bf16>(b.E16), HKp);
-    constexpr int64_t kBlock = 32;  // E + E^T by square blocks, so that the transposed reads stay in L1
-    for (int64_t r0 = 0; r0 < HK; r0 += kBlock)
-      for (int64_t c0 = 0; c0 < HK; c0 += kBlock)
-        for (int64_t r = r0; r < std::min(HK, r0 + kBlock); ++r)
-          for (int64_t c = c0; c < std::min(HK, c0 + kBlock); ++c)
-            gsym[r * HKp + c] = bf16_bits(E[r * HK + c] + E[c * HK + r]);
-    if (HK & 1)
-      for (int64_t r = 0; r < HK; ++r) gsym[r * HKp + HK] = 0;
-    pack_vnni(ptr<float>(sc.T) + i * HK * D, D, HK, D, ptr<bf16>(b.T16v), D);
+    to_bf16_rows(ptr<float>(sc.dGtile) + i * HK * HK, HK, HK, HK, ptr<bf16>(b.E16), HKp);
+    const bf16* t16v = ptr<bf16>(b.T16v) + i * HKp * ld_t;
     for (int64_t h = 0; h < H; ++h) {
-      gemm_bf16(K, d, HKp, ptr<bf16>(b.Gsym16) + h * K * HKp, HKp, ptr<bf16>(b.T16v) + 2 * h * d, D, part, d, false);
-      add_partial(dv + ((i0 + i) * H + h) * K * d, part, K * d);
+      gemm_bf16(K, d, HKp, ptr<bf16>(b.E16) + h * K * HKp, HKp, t16v + 2 * h * dp, ld_t, part, d, false);
+      double* dst = dvb + (h * tiK + i * K) * d;
+#pragma omp simd
+      for (int64_t e = 0; e < K * d; ++e) dst[e] += 2.0 * part[e];
     }
     for (int64_t g = 0; g < H; ++g) {
-      pack_vnni(ptr<float>(sc.vb) + (g * tiK + i * K) * d, d, K, d, ptr<bf16>(b.V16v), d);
+      pack_vnni_bf16(ptr<bf16>(b.vb16) + (g * tiK + i * K) * dp, dp, K, d, ptr<bf16>(b.V16v), d);
       gemm_bf16(HK, d, Kp, ptr<bf16>(b.E16) + g * K, HKp, ptr<bf16>(b.V16v), d, Z + g * d, D, false);
     }
     for (int64_t h = 0; h < H; ++h) std::memcpy(Zb + (h * tiK + i * K) * D, Z + h * K * D, K * D * sizeof(float));

@@ -78,23 +78,26 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 // kLogits computes cos(z_ij, y_j); the caller applies t and b.
 enum Op : int64_t { kLogits = 0, kSigmoidLoss = 1, kSoftmaxLoss = 2 };
 
-void check_f32(const at::Tensor& x, const char* name, int64_t ndim) {
+void check_input(const at::Tensor& x, const char* name, int64_t ndim, bool bf16_ok = false) {
   TORCH_CHECK(x.device().is_cpu(), "llip cpu kernel: ", name, " must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "llip cpu kernel: ", name, " must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || (bf16_ok && x.scalar_type() == at::kBFloat16), "llip cpu kernel: ",
+              name, " must be float32", bf16_ok ? " or bfloat16" : "", ", got ", x.scalar_type());
   TORCH_CHECK(x.dim() == ndim, "llip cpu kernel: ", name, " must have ", ndim, " dims, got ", x.sizes());
 }
 
 Inputs make_inputs(const at::Tensor& k, const at::Tensor& v, const at::Tensor& q, const at::Tensor& u,
                    const at::Tensor& m, double tau, int64_t Ti, int64_t Tj, bool bf16_products) {
-  check_f32(k, "k", 4);
-  check_f32(v, "v", 4);
-  check_f32(q, "q", 3);
-  check_f32(u, "u", 3);
-  check_f32(m, "m", 2);
+  // With bf16 products, k, v and q may come as bf16 (no float32 copies of the inputs in the caller): the blocks are
+  // converted as they are made head-major, and their gradients come back in bf16.
+  check_input(k, "k", 4, bf16_products);
+  check_input(v, "v", 4, bf16_products);
+  check_input(q, "q", 3, bf16_products);
+  check_input(u, "u", 3);
+  check_input(m, "m", 2);
   Inputs in;
   in.Bi = k.size(0), in.H = k.size(1), in.K = k.size(2), in.d = k.size(3), in.Bt = q.size(0);
   in.D = in.H * in.d, in.HK = in.H * in.K;
-  TORCH_CHECK(v.sizes() == k.sizes(), "llip cpu kernel: v must have the shape of k");
+  TORCH_CHECK(v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(), "llip cpu kernel: v must be like k");
   TORCH_CHECK(q.size(1) == in.H && q.size(2) == in.d && u.sizes() == q.sizes(), "llip cpu kernel: q/u shape mismatch");
   TORCH_CHECK(m.size(0) == in.D && m.size(1) == in.D, "llip cpu kernel: m must be [D, D]");
   TORCH_CHECK(tau > 0, "llip cpu kernel: tau must be > 0");
@@ -105,7 +108,7 @@ Inputs make_inputs(const at::Tensor& k, const at::Tensor& v, const at::Tensor& q
   in.Tj = std::max<int64_t>(1, std::min(Tj, in.Bt));
   in.k = k.contiguous();
   in.v = v.contiguous();
-  in.qh = q.permute({1, 0, 2}).contiguous();
+  in.qh = q.permute({1, 0, 2}).to(at::kFloat).contiguous();
   in.uh = u.permute({1, 0, 2}).contiguous();
   in.mh = m.contiguous().view({in.H, in.d, in.D});
   if (bf16_products) {
@@ -121,7 +124,7 @@ Inputs make_inputs(const at::Tensor& k, const at::Tensor& v, const at::Tensor& q
 
 std::vector<Scratch> make_scratch(const Inputs& in, int64_t n, bool backward) {
   std::vector<Scratch> out(n);
-  auto opts = in.v.options();
+  auto opts = in.v.options().dtype(at::kFloat);
   const int64_t tile = in.HK * in.Ti * in.Tj, pairs = in.Ti * in.Tj;
   for (auto& s : out) {
     s.S = at::empty({tile}, opts), s.C = at::empty({tile}, opts);
@@ -139,7 +142,7 @@ std::vector<Scratch> make_scratch(const Inputs& in, int64_t n, bool backward) {
       s.Ybuf = at::empty({in.H, in.D, in.Ti * in.K}, opts);
     }
     s.G = at::empty({in.Ti, in.HK, in.HK}, opts);
-    s.T = at::empty({in.Ti, in.HK, in.D}, opts);
+    s.T = at::empty({in.lowp ? 1 : in.Ti, in.HK, in.D}, opts);
     s.kbuf = at::empty({in.Ti * in.HK * in.d}, opts), s.vbuf = at::empty({in.Ti * in.HK * in.d}, opts);
     if (backward) {
       s.dkbuf = at::empty({in.Ti * in.HK * in.d}, opts.dtype(at::kDouble));
@@ -188,7 +191,7 @@ void gram_block(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc) {
 //   dV_i[h] += (dG_i + dG_i^T)[h rows] T_i[:, h-block],        dM[:, g-block] += sum_i Y_i[:, g cols] V_i[g]
 // with Y_i = blockdiag(V_i)^T dG_i ([D, HK], per head h: V_i[h]^T dG_i[h rows]). The Y_i of the block are
 // gathered per g so that dM takes one GEMM per head over all ti*K rows (the head-major values vb[g]).
-void gram_block_backward(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc, at::Tensor& dv, at::Tensor& dm) {
+void gram_block_backward(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc, at::Tensor& dm) {
   const int64_t H = in.H, K = in.K, d = in.d, D = in.D, HK = in.HK;
   at::Tensor ybuf = sc.Ybuf.narrow(2, 0, ti * K).view({H, D, ti, K});
   for (int64_t i = 0; i < ti; ++i) {
@@ -197,9 +200,9 @@ void gram_block_backward(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc, 
     at::Tensor dGi = sc.gs;
     at::Tensor Ti_blocks = sc.T[i].view({HK, H, d}).permute({1, 0, 2});  // [H(h), HK, d]: T_i[:, h-block]
     at::Tensor dvi = sc.tile_out.narrow(0, 0, K * d).view({K, d});
-    for (int64_t h = 0; h < H; ++h) {  // dV_i[h] += (dG + dG^T)[h rows] T_i[:, h-block], into the float64 dv
+    for (int64_t h = 0; h < H; ++h) {  // dV_i[h] += (dG + dG^T)[h rows] T_i[:, h-block], into the block's dV
       at::mm_out(dvi, dGi.view({H, K, HK})[h], Ti_blocks[h]);
-      dv[i0 + i][h].add_(dvi);
+      add_partial(sc.dvb[h].narrow(0, i * K, K), dvi);
     }
     at::Tensor Y_heads = sc.Y.view({H, d, HK});
     at::Tensor dG_half = sc.dGtile[0];
@@ -234,6 +237,8 @@ void compute_tile(const Inputs& in, Scratch& sc, const Tile& t) {
   float* mx = sc.mx.data();
   float* sm = sc.sm.data();
   const float scale = static_cast<float>(kLog2e / in.tau);  // exp(s / tau) = 2^(s * log2(e) / tau)
+  const int64_t tjp = llip_cpu::round_up2(tj);
+  llip_cpu::bf16* a16 = in.lowp ? sc.b16.A16.data_ptr<llip_cpu::bf16>() : nullptr;  // [ti, HK, tjp]
   for (int64_t i = 0; i < ti; ++i) {
     float* dr = sc.dot.data_ptr<float>() + i * tj;
     std::fill(dr, dr + tj, 0.0f);
@@ -266,6 +271,8 @@ void compute_tile(const Inputs& in, Scratch& sc, const Tile& t) {
           a[j] *= sm[j];
           dr[j] += a[j] * cr[j];
         }
+        // bf16 products: a's bf16 copy (an operand of G_i a and of dG), made while the row is in L1.
+        if (in.lowp) llip_cpu::to_bf16_rows(a, tj, 1, tj, a16 + ((i * H + h) * K + k) * tjp, tjp);
       }
     }
   }
@@ -287,6 +294,8 @@ void compute_tile(const Inputs& in, Scratch& sc, const Tile& t) {
     }
   }
 }
+
+uint16_t* bf16_bits_of(const at::Tensor& x) { return reinterpret_cast<uint16_t*>(x.data_ptr<llip_cpu::bf16>()); }
 
 inline float norm_of(float n2) { return std::max(std::sqrt(std::max(n2, 0.0f)), kEps); }
 
@@ -363,7 +372,7 @@ std::vector<at::Tensor> pair_forward(int64_t op, const at::Tensor& k, const at::
   const int64_t Bi = in.Bi, Bt = in.Bt;
   const int nth = working_threads(in);
   auto scr = make_scratch(in, nth, false);
-  auto f32 = k.options();
+  auto f32 = k.options().dtype(at::kFloat);
   at::Tensor cos_out = op == kLogits ? at::empty({Bi, Bt}, f32) : at::Tensor();
   float* outp = op == kLogits ? cos_out.data_ptr<float>() : nullptr;
   std::vector<double> row_loss(Bi, 0.0), diag(Bi, 0.0);
@@ -472,12 +481,18 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
   const float* lcol = op == kSoftmaxLoss ? lse_col->data_ptr<float>() : nullptr;
   const int nth = working_threads(in);
   auto scr = make_scratch(in, nth, true);
-  auto f32 = k.options();
+  auto f32 = k.options().dtype(at::kFloat);
   // Every gradient is a long sum (over texts for the image side, over images for the text side and dM): each
   // tile's GEMM gives a float32 partial over its own block, and the partials are summed in float64, so the error
   // stays that of one tile's sum however many tiles there are (docs/design.md section 6).
   auto f64 = k.options().dtype(at::kDouble);
-  at::Tensor dk = at::zeros({Bi, H, K, d}, f64), dv = at::zeros({Bi, H, K, d}, f64);
+  // One pass over the texts (Bt <= Tp, the usual case): a block's dK, dV are final when the block ends, and go
+  // from its float64 sums straight into the outputs, in the inputs' dtype. Several passes: float64 sums for the
+  // whole batch, converted at the end.
+  const bool one_pass = Bt <= Tp;
+  at::Tensor dk_out = at::empty({Bi, H, K, d}, k.options()), dv_out = at::empty({Bi, H, K, d}, k.options());
+  at::Tensor dk64 = one_pass ? at::Tensor() : at::zeros({Bi, H, K, d}, f64);
+  at::Tensor dv64 = one_pass ? at::Tensor() : at::zeros({Bi, H, K, d}, f64);
   at::Tensor dq_all = at::zeros({H, Bt, d}, f64), du_all = at::zeros({H, Bt, d}, f64);
   // Text-side and M gradients sum over images, so over threads: one partial each (dQ, dU: for the texts of the
   // current pass), added in thread order.
@@ -517,12 +532,16 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
       add_partial(sc.dvb, sc.b16.dv32.narrow(0, 0, sc.dvb.numel()));
       if (++blocks_since_flush[tid] == kFlushBlocks) flush(tid);
     }
-    dk.narrow(0, i0, ti).add_(sc.dkb.view({H, ti, K, d}).permute({1, 0, 2, 3}));
-    dv.narrow(0, i0, ti).add_(sc.dvb.view({H, ti, K, d}).permute({1, 0, 2, 3}));
     if (in.lowp)
-      llip_cpu::gram_block_backward_bf16(in, i0, ti, sc, dv.data_ptr<double>(), dm[tid].data_ptr<double>());
+      llip_cpu::gram_block_backward_bf16(in, ti, sc, dm[tid].data_ptr<double>());
     else
-      gram_block_backward(in, i0, ti, sc, dv, dm[tid]);
+      gram_block_backward(in, i0, ti, sc, dm[tid]);
+    auto store = [&](const at::Tensor& block, at::Tensor& out, at::Tensor& sum) {
+      const at::Tensor per_image = block.view({H, ti, K, d}).permute({1, 0, 2, 3});
+      one_pass ? out.narrow(0, i0, ti).copy_(per_image) : sum.narrow(0, i0, ti).add_(per_image);
+    };
+    store(sc.dkb, dk_out, dk64);
+    store(sc.dvb, dv_out, dv64);
   };
   auto tile_backward = [&](const Tile& t, Scratch& sc, int tid) {
     const int64_t ti = t.ti, tj = t.tj;
@@ -563,7 +582,9 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
       if (with_loss) row_loss[gi] += sl;
     }
     // Per (image, head, text): da = ddot c + 2 dn2 (G a); ds = a (da - sum_k a da) / tau. In place:
-    // S <- ds, C <- ddot * a (the cotangent of c), P <- dn2 * a (so that dG_i += P_i A_i^T).
+    // S <- ds, C <- ddot * a (the cotangent of c), P <- dn2 * a (so that dG_i += P_i A_i^T); with bf16 products
+    // into their bf16 copies S16, C16, P16 instead.
+    const int64_t tjp = llip_cpu::round_up2(tj);
     float* Sp = sc.S.data_ptr<float>();
     float* Cp = sc.C.data_ptr<float>();
     float* Pp = sc.P.data_ptr<float>();
@@ -582,10 +603,25 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
           for (int64_t j = 0; j < tj; ++j) sm[j] += a[j] * (dd[j] * cr[j] + 2.0f * dn[j] * p[j]);
         }
         for (int64_t kk = 0; kk < K; ++kk) {
-          const float* a = Ap + ((i * H + h) * K + kk) * tj;
-          float* s = Sp + ((h * ti + i) * K + kk) * tj;
-          float* cr = Cp + ((h * ti + i) * K + kk) * tj;
-          float* p = Pp + ((i * H + h) * K + kk) * tj;
+          const int64_t head_row = (h * ti + i) * K + kk, image_row = (i * H + h) * K + kk;
+          const float* a = Ap + image_row * tj;
+          float* s = Sp + head_row * tj;
+          float* cr = Cp + head_row * tj;
+          float* p = Pp + image_row * tj;
+          if (in.lowp) {  // straight into the products' bf16 operands (the float32 rows are not read again)
+            uint16_t* s16 = bf16_bits_of(sc.b16.S16) + head_row * tjp;
+            uint16_t* c16 = bf16_bits_of(sc.b16.C16) + head_row * tjp;
+            uint16_t* p16 = bf16_bits_of(sc.b16.P16) + image_row * tjp;
+#pragma omp simd
+            for (int64_t j = 0; j < tj; ++j) {
+              const float da = dd[j] * cr[j] + 2.0f * dn[j] * p[j];
+              s16[j] = llip_cpu::bf16_bits(a[j] * (da - sm[j]) * inv_tau);
+              c16[j] = llip_cpu::bf16_bits(dd[j] * a[j]);
+              p16[j] = llip_cpu::bf16_bits(dn[j] * a[j]);
+            }
+            if (tj & 1) s16[tj] = c16[tj] = p16[tj] = 0;  // the products' even reduction
+            continue;
+          }
 #pragma omp simd
           for (int64_t j = 0; j < tj; ++j) {
             const float da = dd[j] * cr[j] + 2.0f * dn[j] * p[j];
@@ -637,7 +673,8 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
   at::Tensor dm_out = dm[0].view({in.D, in.D});
   if (in.lowp) dm_out = dm_out.t();  // gram_block_backward_bf16 sums dM^T
   auto unhead3 = [&](const at::Tensor& x) { return x.permute({1, 0, 2}).to(at::kFloat).contiguous(); };
-  return {dk.to(at::kFloat), dv.to(at::kFloat), unhead3(dq_all), unhead3(du_all), dm_out.to(at::kFloat).contiguous(),
+  if (!one_pass) dk_out.copy_(dk64), dv_out.copy_(dv64);
+  return {dk_out, dv_out, unhead3(dq_all).to(q.scalar_type()), unhead3(du_all), dm_out.to(at::kFloat).contiguous(),
           at::scalar_tensor(ordered_sum(row_dt), f32), at::scalar_tensor(ordered_sum(row_db), f32),
           at::scalar_tensor(with_loss ? ordered_sum(row_loss) / double(Bi) : 0.0, f32)};
 }

@@ -30,15 +30,17 @@ struct Bf16Scratch {
   at::Tensor kb16, vb16;      // [H, ti*K, dp]: the block's keys / values (A of the scores)
   at::Tensor kbT16, vbT16;    // [H, d, (ti*K)p]: their transposes (A of dQ^T, dU^T and dM)
   at::Tensor G16;             // [ti, HK, HKp]: the block's Gram matrices (A of G_i a)
-  at::Tensor Tt16;            // [dp/2, HK, 2]: VNNI of one head's column block of T_i, transposed
+  at::Tensor T16;             // [HK, H, dp]: one image's T_i, each head's d columns padded to dp (A of G_i)
+  at::Tensor Vt16v;           // [dp/2, K, 2]: VNNI of one head's values transposed, V_i[g]^T (B of G_i)
+  at::Tensor transposed;      // float32 [d, ti*K]: one head's keys or values transposed, before rounding
   at::Tensor A16v;            // [ti, HKp/2, tj, 2]: attention a, VNNI (B of G_i a)
-  at::Tensor S16, C16;        // [H, ti*K, tjp]: dS and ddot * a (A of dK, dV)
+  at::Tensor S16, C16;        // [H, ti*K, tjp]: dS and ddot * a (A of dK, dV), written by pair_backward's loop
   at::Tensor S16v, C16v;      // [H, (ti*K)p/2, tj, 2]: the same, VNNI (B of dQ^T, dU^T)
-  at::Tensor A16;             // [ti, HK, tjp]: a (A of dG^T)
-  at::Tensor P16, PT16v;      // [HK, tjp]: one image's dn2 * a; [ti, tjp/2, HK, 2]: VNNI of (dn2 * a)^T
+  at::Tensor A16;             // [ti, HK, tjp]: a (A of dG^T), written by compute_tile's softmax loop
+  at::Tensor P16, PT16v;      // [ti, HK, tjp]: dn2 * a (pair_backward's loop); [ti, tjp/2, HK, 2]: VNNI of its ^T
   // Backward of the Gram matrices (E_i = dG_i^T, as the tiles sum it).
-  at::Tensor Gsym16, E16;     // [HK, HKp] (+ 2 zeros): E_i + E_i^T and E_i
-  at::Tensor T16v;            // [HKp/2, D, 2]: VNNI of T_i
+  at::Tensor E16;             // [HK, HKp] (+ 2 zeros): E_i
+  at::Tensor T16v;            // [ti, HKp/2, H * dp, 2]: VNNI of the block's T16
   at::Tensor V16v;            // [Kp/2, d, 2]: VNNI of one head's values V_i[g]
   at::Tensor Z, Zb, Zb16v;    // float32 [HK, D]: E_i blockdiag(V_i); [H, ti*K, D]: its rows per head; VNNI of one
   at::Tensor part;            // float32 output of one product before it joins a float64 sum
@@ -53,6 +55,7 @@ struct Scratch {
   at::Tensor ddot, dn2;       // [Ti * Tj] (backward)
   at::Tensor G, dG;           // [Ti, HK, HK]
   at::Tensor T;               // [Ti, HK, D]: rows V_i[h,k] M_h (M's rows of head h), shared by G and its backward
+                              // (bf16 products: one image's, float32, before b16.T16 and b16.T16v)
   // float32 products only: dG, gs, Y, Ybuf, tile_out, dm_tile (bf16 products: b16)
   at::Tensor gs, Y, Ybuf;     // backward of G: [HK, HK], [D, HK] per image, [H, D, Ti*K] per block
   at::Tensor kbuf, vbuf;      // the block's keys / values, head-major [H, ti*K, d] (one row range per head)
@@ -85,6 +88,6 @@ void tile_scores_bf16(const Inputs& in, Scratch& sc, const Tile& t);  // S and C
 void tile_gram_a_bf16(const Inputs& in, Scratch& sc, const Tile& t);  // P = G_i a, once A holds a
 void tile_gradients_bf16(const Inputs& in, Scratch& sc, const Tile& t, float* dq, float* du, int64_t pass_len,
                          int64_t jp);
-void gram_block_backward_bf16(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc, double* dv, double* dm);
+void gram_block_backward_bf16(const Inputs& in, int64_t ti, Scratch& sc, double* dm);
 
 }  // namespace llip_cpu

@@ -47,6 +47,11 @@ EXT_NAME = "llip_cpu_ext"
 MAX_HK = 1024  # beyond this the 2(HK)^2 per-pair term of form 3 dominates: forms 1/2 win
 TILE_TEXTS = 256  # texts per tile: long, contiguous rows for the vectorised loops
 TILE_FLOATS = 1 << 19  # floats per scratch buffer (4 of them): 2 MiB each, near L2 size
+# With bf16 products, a quarter of that: their GEMMs run twice as fast, so cache misses weigh twice as much, and
+# besides the float32 tiles each tile has bf16 copies of a, dS, ddot a, dn2 a in two layouts. Measured at the
+# B/16 head (Bi = Bt = 1024, fwd + bwd, 2 threads, interleaved in one process): 2 x 256 tiles 2.0-2.1 s,
+# 8 x 256 2.3-2.5 s (float32 products: no gain from smaller tiles, 4.6-4.8 s either way).
+TILE_FLOATS_BF16 = 1 << 17
 # Texts per backward pass (rounded down to whole tiles): each thread keeps partial sums of dQ and dU for one pass,
 # 2 * TEXTS_PER_PASS * D doubles (64 MiB at D = 512), instead of for all Bt texts; each extra pass recomputes the
 # per-image Gram matrices, about 1.5% of a pass's pair work at B/16.
@@ -79,6 +84,8 @@ def _cpu_flags() -> tuple[str, ...]:
     words = set(cpuinfo.split())
     if {"avx2", "fma"} <= words:
         flags += ["-mavx2", "-mfma"]
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= words:
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
     return tuple(flags)
 
 
@@ -230,16 +237,17 @@ def algebraic_form(problem: LlipProblem) -> int:
     return 3
 
 
-def tile_sizes(Bi: int, Bt: int, H: int, K: int) -> tuple[int, int]:
-    """Images and texts per tile: scratch is 4 buffers of H*K*Ti*Tj floats, never Bi*Bt*K for large batches."""
+def tile_sizes(Bi: int, Bt: int, H: int, K: int, bf16: bool = False) -> tuple[int, int]:
+    """Images and texts per tile: scratch is 4 buffers of H*K*Ti*Tj floats, never Bi*Bt*K for large batches.
+    ``bf16``: sized for the bf16 products."""
     tj = max(1, min(Bt, TILE_TEXTS))
-    ti = max(1, min(Bi, TILE_FLOATS // (H * K * tj)))
+    ti = max(1, min(Bi, (TILE_FLOATS_BF16 if bf16 else TILE_FLOATS) // (H * K * tj)))
     return ti, tj
 
 
-def workspace_floats(Bi: int, Bt: int, H: int, K: int) -> int:
+def workspace_floats(Bi: int, Bt: int, H: int, K: int, bf16: bool = False) -> int:
     """Float32 scratch the kernel allocates per call besides inputs and gradients (tiles + per-pair rows)."""
-    ti, tj = tile_sizes(Bi, Bt, H, K)
+    ti, tj = tile_sizes(Bi, Bt, H, K, bf16)
     return 4 * H * K * ti * tj + 4 * ti * tj
 
 
@@ -289,7 +297,7 @@ def _cos_backward(
     return tuple(_pair_backward(Op.LOGITS, dcos, k, v, q, u, m, tau=tau, tiles=(ti, tj), bf16=bf16)[:5])
 
 
-cpu_cos = define("cpu_cos", _cos, fake=lambda k, v, q, u, m, *_: k.new_empty(k.shape[0], q.shape[0]))
+cpu_cos = define("cpu_cos", _cos, fake=lambda k, v, q, u, m, *_: u.new_empty(k.shape[0], q.shape[0]))
 cpu_cos_backward = define(
     "cpu_cos_backward", _cos_backward, fake=lambda dcos, k, v, q, u, m, *_: _grads_like(k, v, q, u, m)
 )
@@ -355,7 +363,7 @@ def _sigmoid_loss_backward(
     return tuple(_sigmoid_sweep(grad, k, v, q, u, m, t, b, tau, pos_offset, ti, tj, bf16, with_loss=False)[:7])
 
 
-cpu_sigmoid_loss = define("cpu_sigmoid_loss", _sigmoid_loss, fake=lambda k, *_: k.new_empty(()))
+cpu_sigmoid_loss = define("cpu_sigmoid_loss", _sigmoid_loss, fake=lambda k, v, q, u, *_: u.new_empty(()))
 cpu_sigmoid_loss_backward = define(
     "cpu_sigmoid_loss_backward",
     _sigmoid_loss_backward,
@@ -390,7 +398,7 @@ cpu_sigmoid_loss_fused = define(
     "cpu_sigmoid_loss_fused",
     _sigmoid_loss_fused,
     fake=lambda k, v, q, u, m, t, b, *_: (
-        k.new_empty(()),
+        u.new_empty(()),
         *_grads_like(k, v, q, u, m),
         t.new_empty(()),
         b.new_empty(()),
@@ -447,7 +455,7 @@ def _softmax_loss_backward(
 cpu_softmax_loss = define(
     "cpu_softmax_loss",
     _softmax_loss,
-    fake=lambda k, v, q, *_: (k.new_empty(()), k.new_empty(k.shape[0]), k.new_empty(q.shape[0])),
+    fake=lambda k, v, q, u, *_: (u.new_empty(()), u.new_empty(k.shape[0]), u.new_empty(q.shape[0])),
 )
 cpu_softmax_loss_backward = define(
     "cpu_softmax_loss_backward",
@@ -480,16 +488,21 @@ def _bf16_products_available() -> bool:
 
 
 def _prepare(k, v, q, y, w_out):
-    """Float32 inputs plus the per-text ``U = y_hat W_out^T: [Bt, H, d]`` and ``M = W_out W_out^T: [D, D]`` (from
-    which the kernel forms each image's Gram matrix as it goes), the tile sizes and whether the products take
-    bf16 operands. Plain torch: autograd carries dU and dM back, and the gradients of the float32 copies back to
-    the inputs' dtype. (bf16 inputs are exact in float32; the kernel rounds its operands back to bf16.)"""
+    """The kernel's inputs plus the per-text ``U = y_hat W_out^T: [Bt, H, d]`` and ``M = W_out W_out^T: [D, D]``
+    (from which the kernel forms each image's Gram matrix as it goes), the tile sizes and whether the products take
+    bf16 operands. Plain torch: autograd carries dU and dM back, and the gradients of float32 copies back to the
+    inputs' dtype. ``k``, ``v``, ``q`` go to the kernel as float32 copies, except bf16 ones that take the bf16
+    products: the kernel reads those as they are (converting each image block once as it makes it head-major) and
+    returns their gradients in bf16, which saves two passes over the largest tensors."""
     Bi, H, K, d = k.shape
-    kf, vf, qf = k.float().contiguous(), v.float().contiguous(), q.float().contiguous()
+    bf16 = bf16_products(k.dtype)
+    native = bf16 and v.dtype == torch.bfloat16
+    kf, vf = (x.contiguous() if native else x.float().contiguous() for x in (k, v))
+    qf = q.contiguous() if bf16 and q.dtype == torch.bfloat16 else q.float().contiguous()
     wf = w_out.float()
     u = text_projection(y.float(), wf).view(q.shape[0], H, d)
-    ti, tj = tile_sizes(Bi, q.shape[0], H, K)
-    return kf, vf, qf, u, gram_factor(wf), ti, tj, bf16_products(k.dtype)
+    ti, tj = tile_sizes(Bi, q.shape[0], H, K, bf16)
+    return kf, vf, qf, u, gram_factor(wf), ti, tj, bf16
 
 
 def logits(k, v, q, y, w_out, t, b, *, tau: float) -> torch.Tensor:

@@ -40,7 +40,7 @@ def small_tiles(monkeypatch):
     """Force many ragged tiles (3 images x 8 texts) and backward passes of 16 texts so the cross-tile paths run:
     the online log-sum-exps, gradient accumulation across tiles and passes, and the diagonal / positive pairs
     that fall on tile edges."""
-    monkeypatch.setattr(cpu_backend, "tile_sizes", lambda Bi, Bt, H, K: (min(Bi, 3), min(Bt, 8)))
+    monkeypatch.setattr(cpu_backend, "tile_sizes", lambda Bi, Bt, H, K, bf16=False: (min(Bi, 3), min(Bt, 8)))
     monkeypatch.setattr(cpu_backend, "TEXTS_PER_PASS", 16)  # the backward takes the texts in passes of 2 tiles
 
 
@@ -106,7 +106,7 @@ def test_sigmoid_pos_offsets_bf16(pos_offset, small_tiles):
 def test_bf16_many_blocks_per_thread(op, monkeypatch):
     # One image per block and one thread: 37 blocks, so the float32 dQ / dU sums of the bf16 products are moved
     # into their float64 totals after blocks 16 and 32 and at the end of each pass of 16 texts.
-    monkeypatch.setattr(cpu_backend, "tile_sizes", lambda Bi, Bt, H, K: (1, min(Bt, 8)))
+    monkeypatch.setattr(cpu_backend, "tile_sizes", lambda Bi, Bt, H, K, bf16=False: (1, min(Bt, 8)))
     monkeypatch.setattr(cpu_backend, "TEXTS_PER_PASS", 16)
     monkeypatch.setenv(settings.CPU_THREADS, "1")
     x = _inputs(op, 37, 19, 2, 3, 24, seed=21, dtype=torch.bfloat16)
@@ -131,6 +131,22 @@ def test_bf16_products_are_the_path_taken(op, monkeypatch):
     monkeypatch.setattr(cpu_backend, "bf16_products", lambda dtype: False)
     plain = run_op(op, x, "cpu")
     assert not torch.equal(fast.grads["w_out"], plain.grads["w_out"]) or not torch.equal(fast.out, plain.out)
+
+
+def test_bf16_inputs_reach_the_kernel_without_float32_copies():
+    # With bf16 products the kernel reads bf16 k, v, q as they are and returns their gradients in bf16 (no float32
+    # copies of the largest tensors either way); the float32 products refuse them in one line.
+    if not cpu_backend.bf16_products(torch.bfloat16):
+        pytest.skip("no bf16 products on this CPU: bf16 inputs take the float32 products")
+    x = make_llip_inputs(6, 9, 2, 3, 16, seed=3, dtype=torch.bfloat16)
+    k, v, q, u, m, ti, tj, bf16 = cpu_backend._prepare(x.k, x.v, x.q, x.y, x.w_out)
+    assert bf16 and k.dtype == v.dtype == q.dtype == torch.bfloat16 and u.dtype == m.dtype == torch.float32
+    t, b = x.t.float(), x.b.float()
+    out = torch.ops.llip_kernels.cpu_sigmoid_loss_fused(k, v, q, u, m, t, b, 2.0, 0, ti, tj, True)
+    assert [g.dtype for g in out[1:4]] == [torch.bfloat16] * 3 and out[4].dtype == out[5].dtype == torch.float32
+    torch.library.opcheck(torch.ops.llip_kernels.cpu_sigmoid_loss_fused, (k, v, q, u, m, t, b, 2.0, 0, ti, tj, True))
+    with pytest.raises(RuntimeError, match="k must be float32, got BFloat16"):
+        torch.ops.llip_kernels.cpu_sigmoid_loss_fused(k, v, q, u, m, t, b, 2.0, 0, ti, tj, False)
 
 
 def test_fp16_upcast():
