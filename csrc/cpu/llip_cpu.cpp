@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -168,10 +169,24 @@ at::Tensor image_view(const at::Tensor& buf, const Inputs& in, const Tile& t) {
 // G_i[(g,m), :] = V_i[g,m] . T_i[:, g-th d-block]^T.
 void gram_block(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc) {
   const int64_t H = in.H, K = in.K, d = in.d, D = in.D, HK = in.HK;
+  // buf [H, ti*K, d] float32 = the block's images of src [Bi, H, K, d] (float32, or bf16 widened exactly): one
+  // contiguous run of K*d per (image, head).
   auto head_major = [&](const at::Tensor& buf, const at::Tensor& src) {
-    at::Tensor view = buf.narrow(0, 0, ti * HK * d).view({H, ti, K, d});
-    view.copy_(src.narrow(0, i0, ti).permute({1, 0, 2, 3}));
-    return view.view({H, ti * K, d});
+    float* dst = buf.data_ptr<float>();
+    const int64_t run = K * d;
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < ti; ++i) {
+        float* out = dst + (h * ti + i) * run;
+        const int64_t from = ((i0 + i) * H + h) * run;
+        if (src.scalar_type() == at::kFloat) {
+          std::memcpy(out, src.data_ptr<float>() + from, run * sizeof(float));
+        } else {
+          const uint16_t* bits = reinterpret_cast<const uint16_t*>(src.data_ptr<llip_cpu::bf16>()) + from;
+#pragma omp simd
+          for (int64_t e = 0; e < run; ++e) out[e] = llip_cpu::bf16_to_float(bits[e]);
+        }
+      }
+    return buf.narrow(0, 0, ti * HK * d).view({H, ti * K, d});
   };
   sc.kb = head_major(sc.kbuf, in.k);
   sc.vb = head_major(sc.vbuf, in.v);
@@ -585,6 +600,9 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
     // S <- ds, C <- ddot * a (the cotangent of c), P <- dn2 * a (so that dG_i += P_i A_i^T); with bf16 products
     // into their bf16 copies S16, C16, P16 instead.
     const int64_t tjp = llip_cpu::round_up2(tj);
+    uint16_t* S16 = in.lowp ? bf16_bits_of(sc.b16.S16) : nullptr;
+    uint16_t* C16 = in.lowp ? bf16_bits_of(sc.b16.C16) : nullptr;
+    uint16_t* P16 = in.lowp ? bf16_bits_of(sc.b16.P16) : nullptr;
     float* Sp = sc.S.data_ptr<float>();
     float* Cp = sc.C.data_ptr<float>();
     float* Pp = sc.P.data_ptr<float>();
@@ -609,9 +627,9 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
           float* cr = Cp + head_row * tj;
           float* p = Pp + image_row * tj;
           if (in.lowp) {  // straight into the products' bf16 operands (the float32 rows are not read again)
-            uint16_t* s16 = bf16_bits_of(sc.b16.S16) + head_row * tjp;
-            uint16_t* c16 = bf16_bits_of(sc.b16.C16) + head_row * tjp;
-            uint16_t* p16 = bf16_bits_of(sc.b16.P16) + image_row * tjp;
+            uint16_t* s16 = S16 + head_row * tjp;
+            uint16_t* c16 = C16 + head_row * tjp;
+            uint16_t* p16 = P16 + image_row * tjp;
 #pragma omp simd
             for (int64_t j = 0; j < tj; ++j) {
               const float da = dd[j] * cr[j] + 2.0f * dn[j] * p[j];
