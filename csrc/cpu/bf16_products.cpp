@@ -10,7 +10,7 @@
 // dQ and dU come out transposed (dQ^T = K^T dS), the tiles sum dG^T = a (dn2 a)^T rather than dG, and the backward
 // of the Gram matrices runs on dG^T, which makes dM^T; pair_backward transposes it back. The gradient products
 // accumulate in float32 in the micro-kernel across at most a pass's tiles of one block (dK, dV, dG) or 16 blocks
-// (dQ, dU) before pair_backward adds them into float64: 2^-24 per partial, far below the 2^-9 of the bf16 gradients.
+// (dQ, dU, dM) before pair_backward adds them into float64: 2^-24 per partial, far below the 2^-9 of the bf16 gradients.
 
 #include <cstring>
 
@@ -75,7 +75,7 @@ void make_bf16_scratch(const Inputs& in, bool backward, Bf16Scratch& s) {
   s.E16 = at::zeros({HK * HKp + 2}, b16);
   s.V16v = at::empty({round_up2(K) * d}, b16);
   s.Z = at::empty({HK * D}, f32), s.Zb = at::empty({H * tiK * D}, f32), s.Zb16v = at::empty({tiKp * D}, b16);
-  s.part = at::empty({std::max(K * d, d * D)}, f32);
+  s.part = at::empty({K * d}, f32);
   s.dk32 = at::empty({H * tiK * d}, f32), s.dv32 = at::empty({H * tiK * d}, f32);
 }
 
@@ -178,7 +178,11 @@ void tile_gradients_bf16(const Inputs& in, Scratch& sc, const Tile& t, float* dq
     bf16* a16 = ptr<bf16>(b.A16) + i * HK * tjp;
     bf16* pt16v = ptr<bf16>(b.PT16v) + i * tjp * HK;
     transpose_pairs(ptr<bf16>(b.P16) + i * HK * tjp, tjp, HK, tj, pt16v, HK);
-    gemm_bf16(HK, HK, tjp, a16, tjp, pt16v, HK, ptr<float>(sc.dGtile) + i * HK * HK, HK, true);
+    float* dg = ptr<float>(sc.dGtile) + i * HK * HK;
+    for (int64_t r0 = 0; r0 < HK; r0 += kGramRows) {  // the lower block triangle (tiles.h)
+      const int64_t rows = std::min(kGramRows, HK - r0);
+      gemm_bf16(rows, r0 + rows, tjp, a16 + r0 * tjp, tjp, pt16v, HK, dg + r0 * HK, HK, true);
+    }
   }
 }
 
@@ -188,8 +192,9 @@ void tile_gradients_bf16(const Inputs& in, Scratch& sc, const Tile& t, float* dq
 // and per block dM'[h-block, :] += sum_i V_i[h]^T Z_i[h rows]        ([d, (ti K)p] x [(ti K)p, D]),
 // where dM' = sum_i blockdiag(V_i)^T E_i blockdiag(V_i) = dM^T. E_i = sum_j dn2_ij a_ij a_ij^T is symmetric, so
 // the (dG + dG^T) of the float32 path is 2 E_i here (the two differ by the bf16 rounding of its factors). dV goes
-// into the block's float64 sums (sc.dvb, [H, ti*K, d]); dm: float64 [D, D].
-void gram_block_backward_bf16(const Inputs& in, int64_t ti, Scratch& sc, double* dm) {
+// into the block's float64 sums (sc.dvb, [H, ti*K, d]); dM^T is added into dm32 (float32 [D, D]), which
+// pair_backward moves into float64 every few blocks as it does dQ and dU.
+void gram_block_backward_bf16(const Inputs& in, int64_t ti, Scratch& sc, float* dm32) {
   Bf16Scratch& b = sc.b16;
   const int64_t H = in.H, K = in.K, Kp = round_up2(K), d = in.d, dp = in.dp, D = in.D, HK = in.HK;
   const int64_t HKp = round_up2(HK), tiK = ti * K, tiKp = round_up2(tiK), ld_t = H * dp;
@@ -198,7 +203,9 @@ void gram_block_backward_bf16(const Inputs& in, int64_t ti, Scratch& sc, double*
   float* Zb = ptr<float>(b.Zb);
   double* dvb = ptr<double>(sc.dvb);
   for (int64_t i = 0; i < ti; ++i) {
-    to_bf16_rows(ptr<float>(sc.dGtile) + i * HK * HK, HK, HK, HK, ptr<bf16>(b.E16), HKp);
+    float* E = ptr<float>(sc.dGtile) + i * HK * HK;
+    mirror_lower_blocks(E, HK);
+    to_bf16_rows(E, HK, HK, HK, ptr<bf16>(b.E16), HKp);
     const bf16* t16v = ptr<bf16>(b.T16v) + i * HKp * ld_t;
     for (int64_t h = 0; h < H; ++h) {
       gemm_bf16(K, d, HKp, ptr<bf16>(b.E16) + h * K * HKp, HKp, t16v + 2 * h * dp, ld_t, part, d, false);
@@ -214,8 +221,8 @@ void gram_block_backward_bf16(const Inputs& in, int64_t ti, Scratch& sc, double*
   }
   for (int64_t h = 0; h < H; ++h) {
     pack_vnni(Zb + h * tiK * D, D, tiK, D, ptr<bf16>(b.Zb16v), D);
-    gemm_bf16(d, D, tiKp, ptr<bf16>(b.vbT16) + h * d * tiKp, tiKp, ptr<bf16>(b.Zb16v), D, part, D, false);
-    add_partial(dm + h * d * D, part, d * D);
+    gemm_bf16(d, D, tiKp, ptr<bf16>(b.vbT16) + h * d * tiKp, tiKp, ptr<bf16>(b.Zb16v), D, dm32 + h * d * D, D,
+              true);
   }
 }
 

@@ -23,10 +23,12 @@
 // per-thread partial sums of dQ, dU, dM and of the losses added in thread order), so repeated calls are bitwise
 // identical.
 //
-// All tensors here are float32; the Python wrapper upcasts bf16/fp16 inputs once (O(Bi + Bt) work). With
-// bf16_products (bf16 inputs, on CPUs that have bf16 dot products: bf16_gemm.h), every product (the Gram matrices,
-// scores, value scores, G_i a and the gradient products) takes bf16 operands with float32 accumulation instead
-// (bf16_products.cpp); the softmax, norms, losses and reductions are the same code, in float32 / float64.
+// Tensors are float32 (the Python wrapper upcasts fp16 inputs once, O(Bi + Bt) work). With bf16_products (bf16
+// inputs, on CPUs that have bf16 dot products: bf16_gemm.h), k, v and q may stay bf16 (each image block is widened
+// as it is made head-major; their gradients come back in bf16), and every product (the Gram matrices, scores,
+// value scores, G_i a and the gradient products) takes bf16 operands with float32 accumulation
+// (bf16_products.cpp); the softmax, norms, losses and reductions are the same code, in float32 / float64, and the
+// elementwise loops write the products' bf16 operands directly.
 
 #include <torch/extension.h>
 
@@ -211,6 +213,7 @@ void gram_block_backward(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc, 
   at::Tensor ybuf = sc.Ybuf.narrow(2, 0, ti * K).view({H, D, ti, K});
   for (int64_t i = 0; i < ti; ++i) {
     at::Tensor vi = in.v[i0 + i];  // [H, K, d]
+    llip_cpu::mirror_lower_blocks(sc.dG[i].data_ptr<double>(), HK);  // the tiles summed the lower blocks only
     sc.gs.copy_(sc.dG[i] + sc.dG[i].t());  // dG + dG^T, summed in float64, back to float32 for the GEMMs
     at::Tensor dGi = sc.gs;
     at::Tensor Ti_blocks = sc.T[i].view({HK, H, d}).permute({1, 0, 2});  // [H(h), HK, d]: T_i[:, h-block]
@@ -519,16 +522,19 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
     dqh[th] = at::empty(shape, f64), duh[th] = at::empty(shape, f64);
     dm[th] = at::zeros({H, d, H, d}, f64);
   }
-  // bf16 products: their products accumulate dQ^T and dU^T in float32 (dq32, du32), added into the float64 sums
-  // every kFlushBlocks image blocks and at the end of a pass, so each float32 sum has at most kFlushBlocks terms.
+  // bf16 products: their products accumulate dQ^T, dU^T and dM^T in float32 (dq32, du32, dm32), added into the
+  // float64 sums every kFlushBlocks image blocks and at the end of a pass, so each float32 sum has at most
+  // kFlushBlocks terms.
   constexpr int kFlushBlocks = 16;
-  std::vector<at::Tensor> dq32(in.lowp ? nth : 0), du32(in.lowp ? nth : 0);
+  std::vector<at::Tensor> dq32(in.lowp ? nth : 0), du32(in.lowp ? nth : 0), dm32(in.lowp ? nth : 0);
   std::vector<int> blocks_since_flush(nth, 0);
-  for (int th = 0; th < static_cast<int>(dq32.size()); ++th)
+  for (int th = 0; th < static_cast<int>(dq32.size()); ++th) {
     dq32[th] = at::zeros({H, d, pass_len}, f32), du32[th] = at::zeros({H, d, pass_len}, f32);
+    dm32[th] = at::zeros({H, d, H, d}, f32);
+  }
   auto flush = [&](int tid) {
-    add_partial(dqh[tid], dq32[tid]), add_partial(duh[tid], du32[tid]);
-    dq32[tid].zero_(), du32[tid].zero_();
+    add_partial(dqh[tid], dq32[tid]), add_partial(duh[tid], du32[tid]), add_partial(dm[tid], dm32[tid]);
+    dq32[tid].zero_(), du32[tid].zero_(), dm32[tid].zero_();
     blocks_since_flush[tid] = 0;
   };
   int64_t p0 = 0;  // first text of the current pass
@@ -536,7 +542,10 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
   const float inv_tau = 1.0f / in.tau;
   auto before = [&](int64_t i0, int64_t ti, Scratch& sc, int) {
     gram_block(in, i0, ti, sc);
-    (in.lowp ? sc.dGtile : sc.dG).zero_();  // the bf16 products sum dG^T in float32 (bf16_products.cpp)
+    // The tiles write dG's lower block triangle only (tiles.h), so the blocks above stay zero. The bf16 products
+    // sum dG^T in float32 (bf16_products.cpp).
+    sc.dGtile.zero_();
+    if (!in.lowp) sc.dG.zero_();
     if (in.lowp) sc.b16.dk32.zero_(), sc.b16.dv32.zero_();
     sc.dkb = sc.dkbuf.narrow(0, 0, ti * in.HK * d).view({H, ti * K, d}).zero_();
     sc.dvb = sc.dvbuf.narrow(0, 0, ti * in.HK * d).view({H, ti * K, d}).zero_();
@@ -545,12 +554,11 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
     if (in.lowp) {  // the block's float32 dK, dV sums over its text tiles (at most a pass's worth)
       add_partial(sc.dkb, sc.b16.dk32.narrow(0, 0, sc.dkb.numel()));
       add_partial(sc.dvb, sc.b16.dv32.narrow(0, 0, sc.dvb.numel()));
+      llip_cpu::gram_block_backward_bf16(in, ti, sc, dm32[tid].data_ptr<float>());
       if (++blocks_since_flush[tid] == kFlushBlocks) flush(tid);
-    }
-    if (in.lowp)
-      llip_cpu::gram_block_backward_bf16(in, ti, sc, dm[tid].data_ptr<double>());
-    else
+    } else {
       gram_block_backward(in, i0, ti, sc, dm[tid]);
+    }
     auto store = [&](const at::Tensor& block, at::Tensor& out, at::Tensor& sum) {
       const at::Tensor per_image = block.view({H, ti, K, d}).permute({1, 0, 2, 3});
       one_pass ? out.narrow(0, i0, ti).copy_(per_image) : sum.narrow(0, i0, ti).add_(per_image);
@@ -670,9 +678,13 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
       add_partial(du_h, at::mm_out(txt_part, C[h].t(), sc.vb[h]));
     }
     at::Tensor A = image_view(sc.A, in, t), P = image_view(sc.P, in, t);
-    at::Tensor dG_part = sc.dGtile.narrow(0, 0, ti);
-    at::Tensor dG = sc.dG.narrow(0, 0, ti);
-    add_partial(dG, at::bmm_out(dG_part, P, A.transpose(1, 2)));
+    for (int64_t i = 0; i < ti; ++i)  // dG_i = P_i A_i^T on and below its diagonal blocks (tiles.h)
+      for (int64_t r0 = 0; r0 < in.HK; r0 += llip_cpu::kGramRows) {
+        const int64_t rows = std::min(llip_cpu::kGramRows, in.HK - r0);
+        at::Tensor out = sc.dGtile[i].narrow(0, r0, rows).narrow(1, 0, r0 + rows);
+        at::mm_out(out, P[i].narrow(0, r0, rows), A[i].narrow(0, 0, r0 + rows).t());
+      }
+    add_partial(sc.dG.narrow(0, 0, ti), sc.dGtile.narrow(0, 0, ti));
   };
   for (p0 = 0; p0 < Bt; p0 += Tp) {
     const int64_t p1 = std::min(Bt, p0 + Tp);

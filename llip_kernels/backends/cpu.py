@@ -260,6 +260,10 @@ def flops(op: str, Bi: int, Bt: int, H: int, K: int, d: int, backward: bool = Fa
     forward sweep itself (that work then runs inside the forward call). Per-image Gram matrices from
     ``M = W W^T`` (``2KD^2 + 2(HK)^2 d``), per-text ``U_j`` (``2D^2``) and ``M`` (``2D^3``): their backward costs
     twice their forward (plus the recomputation of the Gram matrices where the pair work is recomputed).
+
+    This is the form-3 FLOP model, which speeds are counted with. The kernel itself does a little less: dG is
+    symmetric, so it computes dG's lower block triangle only (rows in blocks of 64, each up to its diagonal block:
+    62.5% of ``2(HK)^2`` at HK = 256, 11% fewer FLOPs in a B/16 training sweep).
     """
     if op not in PAIR_OPS:
         raise ValueError(f"unknown op {op!r}")
@@ -273,8 +277,9 @@ def flops(op: str, Bi: int, Bt: int, H: int, K: int, d: int, backward: bool = Fa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Custom ops (llip_kernels._custom_ops). Tensor arguments are float32; tau, pos_offset and the tile sizes are plain
-# values. ``m`` is M = W_out W_out^T, from which the kernel forms the Gram matrices.
+# Custom ops (llip_kernels._custom_ops). Tensor arguments are float32 (k, v, q may be bf16 with bf16 products); tau,
+# pos_offset and the tile sizes are plain values. ``m`` is M = W_out W_out^T, from which the kernel forms the Gram
+# matrices.
 
 Tensor = torch.Tensor
 Grads5 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # dk, dv, dq, du, dm
