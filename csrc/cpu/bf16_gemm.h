@@ -157,7 +157,8 @@ inline void transpose32(const uint32_t* in, int64_t ld_in, int64_t rows, int64_t
 #endif
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t c_begin = r < r8 ? c8 : 0;  // rows of whole 8 x 8 blocks: only their ragged columns are left
-    for (int64_t c = c_begin; c < cols; ++c) out[c * ld_out + r] = in[r * ld_in + c];
+    // memcpy, not a uint32_t load: callers pass float or bf16 storage, which the compiler may not alias with it.
+    for (int64_t c = c_begin; c < cols; ++c) std::memcpy(out + c * ld_out + r, in + r * ld_in + c, sizeof(uint32_t));
   }
 }
 
@@ -165,8 +166,8 @@ inline void transpose32(const uint32_t* in, int64_t ld_in, int64_t rows, int64_t
 // zero column): the VNNI pair (src[r, 2p], src[r, 2p + 1]) is already one 32-bit word of src, so the packing is a
 // transpose of 32-bit words.
 inline void transpose_pairs(const bf16* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst) {
-  transpose32(reinterpret_cast<const uint32_t*>(src), ld_src / 2, rows, (cols + 1) / 2, reinterpret_cast<uint32_t*>(dst),
-              ld_dst);
+  transpose32(reinterpret_cast<const uint32_t*>(src), ld_src / 2, rows, (cols + 1) / 2,
+              reinterpret_cast<uint32_t*>(dst), ld_dst);
 }
 
 // C[M, N] (+)= A[M, K] B[K, N]: A bf16 row-major (lda elements per row), B bf16 VNNI (ldb column pairs per row

@@ -10,7 +10,8 @@
 // dQ and dU come out transposed (dQ^T = K^T dS), the tiles sum dG^T = a (dn2 a)^T rather than dG, and the backward
 // of the Gram matrices runs on dG^T, which makes dM^T; pair_backward transposes it back. The gradient products
 // accumulate in float32 in the micro-kernel across at most a pass's tiles of one block (dK, dV, dG) or 16 blocks
-// (dQ, dU, dM) before pair_backward adds them into float64: 2^-24 per partial, far below the 2^-9 of the bf16 gradients.
+// (dQ, dU, dM) before pair_backward adds them into float64: 2^-24 per partial, far below the 2^-9 of the bf16
+// gradients.
 
 #include <cstring>
 
@@ -145,11 +146,12 @@ void tile_gram_a_bf16(const Inputs& in, Scratch& sc, const Tile& t) {
 }
 
 // The gradient products of one tile. On entry the bf16 operands hold dS and ddot * a (S16, C16: [H, ti*K, tjp]),
-// dn2 * a and a (P16, A16: [ti, HK, tjp]), as pair_backward's elementwise loop and compute_tile wrote them. The products accumulate
-// in float32 (the micro-kernel adds into its output): the block's dK, dV in b.dk32 / b.dv32 and dG_i^T += a_i
-// (dn2 a_i)^T in sc.dGtile (all zeroed when the block starts), the pass's dQ^T, dU^T in dq, du ([H, d, pass_len],
-// this tile's texts from column jp). pair_backward moves these float32 sums into float64 ones (docs/design.md
-// section 6) after every block (dK, dV, dG) or every few blocks (dQ, dU), so none has more than a few terms.
+// dn2 * a and a (P16, A16: [ti, HK, tjp]), as pair_backward's elementwise loop and compute_tile wrote them. The
+// products accumulate in float32 (the micro-kernel adds into its output): the block's dK, dV in b.dk32 / b.dv32
+// and dG_i^T += a_i (dn2 a_i)^T, lower block triangle only (tiles.h), in sc.dGtile (all zeroed when the block
+// starts), the pass's dQ^T, dU^T in dq, du ([H, d, pass_len], this tile's texts from column jp). pair_backward
+// moves dK, dV into float64 sums after every block and dQ, dU (and dM) every few blocks (docs/design.md section
+// 6), so none has more than a few float32 terms; dG^T is used once per block, mirrored and rounded to bf16.
 void tile_gradients_bf16(const Inputs& in, Scratch& sc, const Tile& t, float* dq, float* du, int64_t pass_len,
                          int64_t jp) {
   Bf16Scratch& b = sc.b16;

@@ -23,7 +23,8 @@
 // per-thread partial sums of dQ, dU, dM and of the losses added in thread order), so repeated calls are bitwise
 // identical.
 //
-// Tensors are float32 (the Python wrapper upcasts fp16 inputs once, O(Bi + Bt) work). With bf16_products (bf16
+// Tensors are float32 (the Python wrapper upcasts fp16 inputs, and bf16 ones on CPUs without bf16 products, once:
+// O(Bi + Bt) work). With bf16_products (bf16
 // inputs, on CPUs that have bf16 dot products: bf16_gemm.h), k, v and q may stay bf16 (each image block is widened
 // as it is made head-major; their gradients come back in bf16), and every product (the Gram matrices, scores,
 // value scores, G_i a and the gradient products) takes bf16 operands with float32 accumulation
@@ -507,7 +508,7 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
   // One pass over the texts (Bt <= Tp, the usual case): a block's dK, dV are final when the block ends, and go
   // from its float64 sums straight into the outputs, in the inputs' dtype. Several passes: float64 sums for the
   // whole batch, converted at the end.
-  const bool one_pass = Bt <= Tp;
+  const bool one_pass = Bt > 0 && Bt <= Tp;  // (no texts: no block runs, and the zeroed float64 sums are the answer)
   at::Tensor dk_out = at::empty({Bi, H, K, d}, k.options()), dv_out = at::empty({Bi, H, K, d}, k.options());
   at::Tensor dk64 = one_pass ? at::Tensor() : at::zeros({Bi, H, K, d}, f64);
   at::Tensor dv64 = one_pass ? at::Tensor() : at::zeros({Bi, H, K, d}, f64);

@@ -50,8 +50,8 @@ struct Bf16Scratch {
 
 // Per-thread scratch.
 struct Scratch {
-  at::Tensor S, C;            // [H, Ti*K, Tj]: scores s (later ds), value scores c (later ddot * a)
-  at::Tensor A, P;            // [Ti, HK, Tj]: attention a, G_i a (later dn2 * a)
+  at::Tensor S, C;            // [H, Ti*K, Tj]: scores s (later ds), value scores c (later ddot * a; bf16 products:
+  at::Tensor A, P;            // [Ti, HK, Tj]: attention a, G_i a (later dn2 * a)      those go to b16's S16, C16, P16)
   at::Tensor dot, n2;         // [Ti * Tj]
   at::Tensor ddot, dn2;       // [Ti * Tj] (backward)
   at::Tensor G, dG;           // [Ti, HK, HK]
@@ -94,7 +94,8 @@ void mirror_lower_blocks(T* x, int64_t n) {
 }
 
 // bf16_products.cpp: the bf16 products (Inputs::lowp). The float32 inputs are rounded to bf16 operands as they are
-// packed; every product accumulates in float32 and leaves float32 for the same loops as the float32 path.
+// packed; every product accumulates in float32 and leaves float32 for the same softmax and norms as the float32
+// path, whose backward loop writes the gradient products' operands in bf16 directly.
 void prepare_bf16(Inputs& in);                                         // the per-call packs (texts, M)
 void make_bf16_scratch(const Inputs& in, bool backward, Bf16Scratch& s);
 void gram_block_bf16(const Inputs& in, int64_t ti, Scratch& sc);      // G (and the block's packs), after kb / vb

@@ -149,6 +149,18 @@ def test_bf16_inputs_reach_the_kernel_without_float32_copies():
         torch.ops.llip_kernels.cpu_sigmoid_loss_fused(k, v, q, u, m, t, b, 2.0, 0, ti, tj, False)
 
 
+@pytest.mark.parametrize("bf16", _products())
+def test_no_texts_gives_zero_image_gradients(bf16):
+    # Called directly with Bt = 0 (the public functions refuse empty batches first), the sweep has no tile to run:
+    # dk, dv must come back zero, not as the uninitialised outputs of a one-pass call.
+    x = make_llip_inputs(4, 3, 2, 3, 16, seed=8, dtype=torch.bfloat16 if bf16 else torch.float32)
+    k, v, q, u, m, ti, tj, _ = cpu_backend._prepare(x.k, x.v, x.q, x.y, x.w_out)
+    out = torch.ops.llip_kernels.cpu_sigmoid_loss_fused(
+        k, v, q[:0], u[:0], m, x.t.float(), x.b.float(), 2.0, None, ti, tj, bf16
+    )
+    assert torch.equal(out[1], torch.zeros_like(k)) and torch.equal(out[2], torch.zeros_like(v))
+
+
 def test_fp16_upcast():
     # float16 inputs take the float32 products (exactly converted; bf16 operands would drop mantissa bits).
     check_op_against_reference("sigmoid_loss", make_llip_inputs(6, 9, 2, 3, 48, dtype=torch.float16), "cpu")
