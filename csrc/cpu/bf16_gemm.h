@@ -38,14 +38,6 @@ inline uint16_t bf16_bits(float x) {
   return static_cast<uint16_t>(nan ? 0x7fc0u : rounded);
 }
 
-// bf16 -> float32, exact: the bf16 bits are the float's upper half.
-inline float bf16_to_float(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
-
 // dst[r, c] = src[r, c] for a [rows, cols] block, and dst[r, cols] = 0 when cols is odd (the K padding of an A
 // operand whose columns are the reduction).
 inline void to_bf16_rows(const float* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst) {

@@ -211,9 +211,7 @@ void gram_block_backward_bf16(const Inputs& in, int64_t ti, Scratch& sc, float* 
     const bf16* t16v = ptr<bf16>(b.T16v) + i * HKp * ld_t;
     for (int64_t h = 0; h < H; ++h) {
       gemm_bf16(K, d, HKp, ptr<bf16>(b.E16) + h * K * HKp, HKp, t16v + 2 * h * dp, ld_t, part, d, false);
-      double* dst = dvb + (h * tiK + i * K) * d;
-#pragma omp simd
-      for (int64_t e = 0; e < K * d; ++e) dst[e] += 2.0 * part[e];
+      add_partial(dvb + (h * tiK + i * K) * d, part, K * d, 2.0);
     }
     for (int64_t g = 0; g < H; ++g) {
       pack_vnni_bf16(ptr<bf16>(b.vb16) + (g * tiK + i * K) * dp, dp, K, d, ptr<bf16>(b.V16v), d);

@@ -136,7 +136,7 @@ std::vector<Scratch> make_scratch(const Inputs& in, int64_t n, bool backward) {
     s.dot = at::empty({pairs}, opts), s.n2 = at::empty({pairs}, opts);
     if (backward) {
       s.ddot = at::empty({pairs}, opts), s.dn2 = at::empty({pairs}, opts);
-      s.dGtile = at::empty({in.Ti, in.HK, in.HK}, opts);
+      s.dGtile = at::zeros({in.Ti, in.HK, in.HK}, opts);  // the blocks above the lower triangle stay zero
     }
     if (backward && !in.lowp) {  // the float32 products' gradient buffers (bf16 products: Scratch::b16)
       s.dG = at::empty({in.Ti, in.HK, in.HK}, opts.dtype(at::kDouble));
@@ -184,9 +184,9 @@ void gram_block(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc) {
         if (src.scalar_type() == at::kFloat) {
           std::memcpy(out, src.data_ptr<float>() + from, run * sizeof(float));
         } else {
-          const uint16_t* bits = reinterpret_cast<const uint16_t*>(src.data_ptr<llip_cpu::bf16>()) + from;
+          const llip_cpu::bf16* in = src.data_ptr<llip_cpu::bf16>() + from;
 #pragma omp simd
-          for (int64_t e = 0; e < run; ++e) out[e] = llip_cpu::bf16_to_float(bits[e]);
+          for (int64_t e = 0; e < run; ++e) out[e] = static_cast<float>(in[e]);
         }
       }
     return buf.narrow(0, 0, ti * HK * d).view({H, ti * K, d});
@@ -224,7 +224,7 @@ void gram_block_backward(const Inputs& in, int64_t i0, int64_t ti, Scratch& sc, 
       add_partial(sc.dvb[h].narrow(0, i * K, K), dvi);
     }
     at::Tensor Y_heads = sc.Y.view({H, d, HK});
-    at::Tensor dG_half = sc.dGtile[0];
+    at::Tensor dG_half = sc.gs;  // free again once dV has it
     dG_half.copy_(sc.dG[i]);  // dG alone (float32) for dM
     at::bmm_out(Y_heads, vi.transpose(1, 2), dG_half.view({H, K, HK}));
     ybuf.select(2, i).copy_(sc.Y.view({D, H, K}).permute({1, 0, 2}));  // [H(g), D, K]
@@ -543,10 +543,9 @@ std::vector<at::Tensor> pair_backward(int64_t op, const at::Tensor& grad, const 
   const float inv_tau = 1.0f / in.tau;
   auto before = [&](int64_t i0, int64_t ti, Scratch& sc, int) {
     gram_block(in, i0, ti, sc);
-    // The tiles write dG's lower block triangle only (tiles.h), so the blocks above stay zero. The bf16 products
-    // sum dG^T in float32 (bf16_products.cpp).
-    sc.dGtile.zero_();
-    if (!in.lowp) sc.dG.zero_();
+    // The tiles write dG's lower block triangle only (tiles.h): the float32 products overwrite it in dGtile per tile
+    // and sum it in dG; the bf16 products sum dG^T in dGtile itself (bf16_products.cpp).
+    (in.lowp ? sc.dGtile : sc.dG).zero_();
     if (in.lowp) sc.b16.dk32.zero_(), sc.b16.dv32.zero_();
     sc.dkb = sc.dkbuf.narrow(0, 0, ti * in.HK * d).view({H, ti * K, d}).zero_();
     sc.dvb = sc.dvbuf.narrow(0, 0, ti * in.HK * d).view({H, ti * K, d}).zero_();

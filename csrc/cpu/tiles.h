@@ -73,11 +73,11 @@ struct Tile {
   int64_t i0, ti, j0, tj;
 };
 
-// A product's float32 partial joins its float64 sum: dst[e] += src[e] for n elements. (ATen's add_ with the
-// float -> double promotion is a generic strided loop, several times slower at these sizes.)
-inline void add_partial(double* dst, const float* src, int64_t n) {
+// A product's float32 partial joins its float64 sum: dst[e] += scale * src[e] for n elements. (ATen's add_ with
+// the float -> double promotion is a generic strided loop, several times slower at these sizes.)
+inline void add_partial(double* dst, const float* src, int64_t n, double scale = 1.0) {
 #pragma omp simd
-  for (int64_t e = 0; e < n; ++e) dst[e] += src[e];
+  for (int64_t e = 0; e < n; ++e) dst[e] += scale * src[e];
 }
 
 // dG_i = sum_j dn2_ij a_ij a_ij^T is symmetric, so the tiles compute it by row blocks of kGramRows, each only up
